@@ -1,0 +1,124 @@
+"""``diffusiondci import-patches``: bring already-cut patches into the dataset layout.
+
+Input: ``DIR/images/<id>.png|tif|jpg`` and ``DIR/masks/<id>.png`` (or ``<id>_mask.png``), e.g. another
+tool's export. Every pair is validated (readable RGB image, mask of the same size with labels in
+{0, 1, 2}, one patch size for all); nothing is resampled. PNG images are copied byte for byte, other
+formats are re-encoded losslessly as PNG. Patches form one group each unless ``--groups`` maps
+patch ids to groups (patients), so splits never put one group on both sides.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .. import CLASS_NAMES, __version__
+from ..errors import UserInputError
+from .imageio import IMAGE_SUFFIXES, read_mask, read_rgb, write_png_atomic
+from .prepare import DATASET_FORMAT, MANIFEST_COLUMNS, _check_existing_output, _write_json_atomic
+from .splits import assign_splits, read_groups
+
+
+def _find_mask(masks_dir: Path, stem: str) -> Path | None:
+    for name in (f"{stem}.png", f"{stem}_mask.png", f"{stem}.tif", f"{stem}_mask.tif"):
+        if (masks_dir / name).is_file():
+            return masks_dir / name
+    return None
+
+
+def import_patches(
+    source: str | Path,
+    out: str | Path,
+    groups_csv: str | Path | None = None,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> Path:
+    source, out = Path(source), Path(out)
+    images_dir, masks_dir = source / "images", source / "masks"
+    if not images_dir.is_dir() or not masks_dir.is_dir():
+        raise UserInputError("expected sub-folders images/ and masks/", source)
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise UserInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found", images_dir)
+    groups = read_groups(groups_csv) if groups_csv is not None else {}
+
+    digest = hashlib.sha256()
+    for p in images:
+        digest.update(f"{p.name}:{p.stat().st_size};".encode())
+    digest.update(json.dumps([groups, val_fraction, test_fraction, seed], sort_keys=True).encode())
+    params_hash = digest.hexdigest()[:16]
+    if _check_existing_output(out, params_hash):
+        log(f"{out} already holds this import; nothing to do")
+        return out
+    staging = out.with_name(out.name + ".partial")
+    if staging.exists():
+        shutil.rmtree(staging)
+    (staging / "images").mkdir(parents=True)
+    (staging / "masks").mkdir()
+
+    rows, size = [], None
+    for image_path in images:
+        stem = image_path.stem
+        mask_path = _find_mask(masks_dir, stem)
+        if mask_path is None:
+            raise UserInputError(f"no mask for this image (expected masks/{stem}.png)", image_path)
+        image = read_rgb(image_path)
+        if size is None:
+            size = image.shape[:2]
+        elif image.shape[:2] != size:
+            raise UserInputError(
+                f"patch size {image.shape[1]}x{image.shape[0]} differs from the first patch's "
+                f"{size[1]}x{size[0]}; all patches must have one size", image_path
+            )
+        mask = read_mask(mask_path, expected_hw=image.shape[:2])
+        if image_path.suffix.lower() == ".png":
+            shutil.copyfile(image_path, staging / "images" / f"{stem}.png")
+        else:
+            write_png_atomic(staging / "images" / f"{stem}.png", image)
+        write_png_atomic(staging / "masks" / f"{stem}.png", mask)
+        fractions = np.bincount(mask.ravel(), minlength=3)[:3] / mask.size
+        if groups_csv is not None and stem not in groups:
+            raise UserInputError(f"patch '{stem}' has no row in the groups CSV; add it", groups_csv)
+        rows.append({
+            "id": stem, "slide": stem, "group": groups.get(stem, stem), "split": "", "x": 0, "y": 0,
+            "roi_size": image.shape[0], "patch_size": image.shape[0], "tissue_fraction": "",
+            "frac_background": round(float(fractions[0]), 4),
+            "frac_benign": round(float(fractions[1]), 4),
+            "frac_malignant": round(float(fractions[2]), 4),
+            "labelled": 1,
+        })
+    split_of = assign_splits([r["group"] for r in rows], val_fraction, test_fraction, seed)
+    for row in rows:
+        row["split"] = split_of[row["group"]]
+    with (staging / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    _write_json_atomic(staging / "dataset.json", {
+        "format": DATASET_FORMAT,
+        "diffusiondci_version": __version__,
+        "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)},
+        "num_patches": len(rows),
+        "splits": counts,
+        "parameters": {"imported": True, "val_fraction": val_fraction,
+                       "test_fraction": test_fraction, "seed": seed},
+        "parameters_hash": params_hash,
+        "source": {"input": str(source.resolve()),
+                   "groups_csv": str(Path(groups_csv).resolve()) if groups_csv else None},
+        "color_norm": {"enabled": False, "target_mode": None, "target": None, "slide_targets": {}},
+    })
+    if out.exists():
+        out.rmdir()
+    staging.replace(out)
+    log(f"imported {len(rows)} patches to {out} (train {counts['train']}, val {counts['val']}, "
+        f"test {counts['test']})")
+    return out

@@ -1,0 +1,406 @@
+"""``diffusiondci prepare``: whole slides + annotations -> patch dataset.
+
+Pipeline (paper §IV-B1 and §V-A1), one slide at a time, memory bounded by one ROI:
+
+1. find slides and their annotation (``<stem>_mask.png|tif`` label image or ``<stem>.geojson``);
+2. colour statistics of every acquisition tile (tissue pixels only, read tile by tile);
+3. the normalisation target: each slide's average (``slide``) or the dataset's (``dataset``);
+4. sliding-window ROIs -> colour-normalised -> resized patch + nearest-neighbour mask;
+5. patient/slide-level split, ``manifest.csv`` and ``dataset.json``.
+
+Nothing half-written is left in ``--out``: all work happens in ``<out>.partial/`` and is moved into
+place at the end. Per-slide results are recorded there, so an interrupted run resumes where it
+stopped (same parameters) without duplicating patches.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .. import CLASS_NAMES, __version__
+from ..errors import UserInputError
+from . import color
+from .annotations import load_class_map, load_geojson
+from .imageio import IMAGE_SUFFIXES, write_png_atomic
+from .slides import open_label_image, open_slide
+from .splits import assign_splits, read_groups
+from .tiling import roi_grid
+
+DATASET_FORMAT = 1
+MANIFEST_COLUMNS = (
+    "id", "slide", "group", "split", "x", "y", "roi_size", "patch_size", "tissue_fraction",
+    "frac_background", "frac_benign", "frac_malignant", "labelled",
+)
+MASK_SUFFIXES = (".png", ".tif", ".tiff")
+THUMB_MAX_SIDE = 1024
+
+
+@dataclass
+class PrepareConfig:
+    roi_size: int = 3450
+    stride: int = 3450
+    edge: str = "shift"
+    patch_size: int = 256
+    tile_size: int = 1150
+    color_norm: bool = True
+    norm_target: str = "slide"
+    min_tissue: float = 0.05
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    seed: int = 0
+    max_pixels: int = 900_000_000
+
+    def __post_init__(self) -> None:
+        for name in ("roi_size", "stride", "patch_size", "tile_size", "max_pixels"):
+            if int(getattr(self, name)) <= 0:
+                raise UserInputError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.norm_target not in ("slide", "dataset"):
+            raise UserInputError("--norm-target must be 'slide' or 'dataset'")
+        if not 0 <= self.min_tissue <= 1:
+            raise UserInputError("--min-tissue must be in [0, 1]")
+
+
+@dataclass
+class SlideJob:
+    path: Path
+    stem: str
+    annotation_kind: str  # "mask" | "geojson"
+    annotation_path: Path
+    group: str
+
+
+# --------------------------------------------------------------------------- discovery
+def find_slides(input_dir: Path) -> list[Path]:
+    if not input_dir.is_dir():
+        raise UserInputError("input is not a folder; give the folder that holds the slides", input_dir)
+    slides = sorted(
+        p for p in input_dir.iterdir()
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.stem.endswith("_mask")
+    )
+    if not slides:
+        raise UserInputError(
+            f"no slide images found ({', '.join(IMAGE_SUFFIXES)}); check the folder", input_dir
+        )
+    return slides
+
+
+def find_annotation(slide: Path, masks_dir: Path | None) -> tuple[str, Path] | None:
+    folders = [masks_dir] if masks_dir is not None else []
+    folders.append(slide.parent)
+    for folder in folders:
+        for suffix in MASK_SUFFIXES:
+            candidate = folder / f"{slide.stem}_mask{suffix}"
+            if candidate.is_file():
+                return "mask", candidate
+        candidate = folder / f"{slide.stem}.geojson"
+        if candidate.is_file():
+            return "geojson", candidate
+    return None
+
+
+def plan_jobs(input_dir: Path, masks_dir: Path | None, groups_csv: Path | None) -> list[SlideJob]:
+    groups = read_groups(groups_csv) if groups_csv is not None else {}
+    jobs, missing = [], []
+    for slide in find_slides(input_dir):
+        found = find_annotation(slide, masks_dir)
+        if found is None:
+            missing.append(slide.name)
+            continue
+        if groups_csv is not None and slide.stem not in groups:
+            raise UserInputError(f"slide '{slide.stem}' has no row in the groups CSV; add it", groups_csv)
+        jobs.append(SlideJob(slide, slide.stem, found[0], found[1], groups.get(slide.stem, slide.stem)))
+    if missing:
+        where = f"under {masks_dir} or " if masks_dir else ""
+        raise UserInputError(
+            f"no annotation for {len(missing)} slide(s) ({', '.join(missing[:5])}"
+            f"{', ...' if len(missing) > 5 else ''}); put <stem>_mask.png or <stem>.geojson {where}beside"
+            " each slide",
+            input_dir,
+        )
+    return jobs
+
+
+# --------------------------------------------------------------------------- staging / resume
+def _params_hash(cfg: PrepareConfig, jobs: list[SlideJob], class_map: dict | None) -> str:
+    payload = {
+        "config": dataclasses.asdict(cfg),
+        "class_map": class_map,
+        "slides": [
+            [j.stem, j.path.stat().st_size, j.annotation_kind, j.annotation_path.stat().st_size, j.group]
+            for j in jobs
+        ],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_existing_output(out: Path, params_hash: str) -> bool:
+    """True when ``out`` already holds this very dataset; error when it holds something else."""
+    if not out.exists():
+        return False
+    meta = out / "dataset.json"
+    if meta.is_file():
+        try:
+            existing = json.loads(meta.read_text()).get("parameters_hash")
+        except (json.JSONDecodeError, AttributeError):
+            existing = None
+        if existing == params_hash:
+            return True
+        raise UserInputError(
+            "output folder already holds a different dataset; choose another --out or delete it", out
+        )
+    if any(out.iterdir()):
+        raise UserInputError("output folder is not empty and is not a dataset; choose another --out", out)
+    return False
+
+
+def _open_staging(out: Path, params_hash: str) -> Path:
+    staging = out.with_name(out.name + ".partial")
+    marker = staging / "params_hash.txt"
+    if staging.exists() and (not marker.is_file() or marker.read_text().strip() != params_hash):
+        shutil.rmtree(staging)  # left by a run with other parameters: not resumable
+    for sub in ("images", "masks", "state", "thumbnails"):
+        (staging / sub).mkdir(parents=True, exist_ok=True)
+    marker.write_text(params_hash)
+    return staging
+
+
+def _write_json_atomic(path: Path, obj: object) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------- stages
+def _annotation_reader(job: SlideJob, height: int, width: int, cfg: PrepareConfig, class_map):
+    if job.annotation_kind == "mask":
+        labels = open_label_image(job.annotation_path, height, width, max_pixels=cfg.max_pixels)
+        roi = cfg.roi_size
+
+        def read(x: int, y: int) -> np.ndarray:
+            region = labels.read_region(x, y, roi, roi, fill=0)
+            return np.asarray(
+                Image.fromarray(region).resize((cfg.patch_size, cfg.patch_size), Image.Resampling.NEAREST)
+            )
+
+        return read, labels
+    annotation = load_geojson(job.annotation_path, class_map)
+
+    def read(x: int, y: int) -> np.ndarray:
+        return annotation.rasterize(x, y, cfg.roi_size, cfg.roi_size, cfg.patch_size, cfg.patch_size)
+
+    return read, None
+
+
+def _thumbnail_factor(height: int, width: int, tile_size: int) -> int:
+    """Integer downsample for thumbnails; a divisor of ``tile_size`` when one is close enough."""
+    need = max(1, -(-max(height, width) // THUMB_MAX_SIDE))
+    for d in range(need, min(2 * need, tile_size) + 1):
+        if tile_size % d == 0:
+            return d
+    return need
+
+
+def _slide_thumbnail(slide, factor: int) -> np.ndarray:
+    """Block-averaged thumbnail, read in horizontal strips (memory bounded)."""
+    th, tw = -(-slide.height // factor), -(-slide.width // factor)
+    out = np.zeros((th, tw, 3), np.uint8)
+    strip = max(factor, (4096 // factor) * factor)
+    for y in range(0, slide.height, strip):
+        h = min(strip, slide.height - y)
+        region = slide.read_region(0, y, tw * factor, -(-h // factor) * factor).astype(np.float32)
+        rh = region.shape[0] // factor
+        out[y // factor : y // factor + rh] = (
+            region.reshape(rh, factor, tw, factor, 3).mean(axis=(1, 3)).round().astype(np.uint8)
+        )
+    return out
+
+
+def _collect_stats(job: SlideJob, cfg: PrepareConfig, staging: Path, tissue_cfg) -> dict:
+    """Per-tile colour statistics of one slide (cached in the staging folder)."""
+    path = staging / "state" / f"{job.stem}.stats.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    with open_slide(job.path, max_pixels=cfg.max_pixels) as slide:
+        tiles = color.compute_slide_tile_stats(slide, cfg.tile_size, tissue_cfg)
+        record = {
+            "height": slide.height,
+            "width": slide.width,
+            "tiles": [[ty, tx, s.to_dict()] for (ty, tx), s in tiles.items()],
+            "average": color.average_stats(tiles.values()).to_dict() if tiles else None,
+        }
+    _write_json_atomic(path, record)
+    return record
+
+
+def _tile_dict(record: dict) -> dict:
+    return {(ty, tx): color.LabStats.from_dict(s) for ty, tx, s in record["tiles"]}
+
+
+def _extract_slide(
+    job: SlideJob, cfg: PrepareConfig, staging: Path, stats: dict, target, tissue_cfg, class_map,
+    progress: Callable[[int, int], None] | None,
+) -> list[dict]:
+    done = staging / "state" / f"{job.stem}.rows.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    rows: list[dict] = []
+    normalizer = None
+    if cfg.color_norm and target is not None:
+        normalizer = color.TileNormalizer(_tile_dict(stats), target, cfg.tile_size)
+    with open_slide(job.path, max_pixels=cfg.max_pixels) as slide:
+        read_mask, closer = _annotation_reader(job, slide.height, slide.width, cfg, class_map)
+        grid = roi_grid(slide.height, slide.width, cfg.roi_size, cfg.stride, cfg.edge)
+        factor = _thumbnail_factor(slide.height, slide.width, cfg.tile_size)
+        thumb_before = _slide_thumbnail(slide, factor)
+        for i, (x, y) in enumerate(grid):
+            region = slide.read_region(x, y, cfg.roi_size, cfg.roi_size, fill=0)
+            preview = np.asarray(
+                Image.fromarray(region).resize((cfg.patch_size, cfg.patch_size), Image.Resampling.BOX)
+            )
+            tissue = float(color.tissue_mask(preview, tissue_cfg).mean())
+            if tissue >= cfg.min_tissue and tissue > 0:
+                if normalizer is not None:
+                    region = normalizer.apply(region, x, y)
+                    preview = np.asarray(
+                        Image.fromarray(region).resize(
+                            (cfg.patch_size, cfg.patch_size), Image.Resampling.BOX
+                        )
+                    )
+                mask = read_mask(x, y)
+                pid = f"{job.stem}_x{x}_y{y}"
+                write_png_atomic(staging / "images" / f"{pid}.png", preview)
+                write_png_atomic(staging / "masks" / f"{pid}.png", mask)
+                fractions = np.bincount(mask.ravel(), minlength=3)[:3] / mask.size
+                rows.append({
+                    "id": pid, "slide": job.stem, "group": job.group, "split": "", "x": x, "y": y,
+                    "roi_size": cfg.roi_size, "patch_size": cfg.patch_size,
+                    "tissue_fraction": round(tissue, 4),
+                    "frac_background": round(float(fractions[0]), 4),
+                    "frac_benign": round(float(fractions[1]), 4),
+                    "frac_malignant": round(float(fractions[2]), 4),
+                    "labelled": 1,
+                })
+            if progress is not None:
+                progress(i + 1, len(grid))
+        if closer is not None and hasattr(closer, "close"):
+            closer.close()
+        if normalizer is not None:
+            tile_px = cfg.tile_size // factor if cfg.tile_size % factor == 0 else None
+            if tile_px:
+                after = color.TileNormalizer(_tile_dict(stats), target, tile_px).apply(thumb_before, 0, 0)
+                color.save_before_after(
+                    thumb_before, after, staging / "thumbnails" / f"{job.stem}_colornorm.png"
+                )
+        else:
+            write_png_atomic(staging / "thumbnails" / f"{job.stem}.png", thumb_before)
+    _write_json_atomic(done, rows)
+    return rows
+
+
+# --------------------------------------------------------------------------- entry point
+def prepare_dataset(
+    input_dir: str | Path,
+    out: str | Path,
+    cfg: PrepareConfig,
+    masks_dir: str | Path | None = None,
+    groups_csv: str | Path | None = None,
+    class_map_file: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    progress_factory: Callable[[str, int], Callable[[int, int], None]] | None = None,
+) -> Path:
+    """Build a patch dataset in ``out``; returns ``out``. See the module docstring."""
+    input_dir, out = Path(input_dir), Path(out)
+    masks_dir = Path(masks_dir) if masks_dir is not None else None
+    if masks_dir is not None and not masks_dir.is_dir():
+        raise UserInputError("--masks is not a folder", masks_dir)
+    class_map = load_class_map(class_map_file) if class_map_file is not None else None
+    jobs = plan_jobs(input_dir, masks_dir, Path(groups_csv) if groups_csv else None)
+    params_hash = _params_hash(cfg, jobs, class_map)
+    if _check_existing_output(out, params_hash):
+        log(f"{out} already holds this dataset (same inputs and parameters); nothing to do")
+        return out
+    staging = _open_staging(out, params_hash)
+    tissue_cfg = color.TissueConfig()
+
+    stats = {}
+    for job in jobs:
+        stats[job.stem] = _collect_stats(job, cfg, staging, tissue_cfg)
+    slide_targets = {
+        stem: color.LabStats.from_dict(rec["average"]) if rec["average"] else None
+        for stem, rec in stats.items()
+    }
+    known = [t for t in slide_targets.values() if t is not None]
+    if cfg.norm_target == "dataset":
+        all_tiles = [s for rec in stats.values() for s in _tile_dict(rec).values()]
+        dataset_target = color.average_stats(all_tiles) if all_tiles else None
+    else:
+        dataset_target = color.average_stats(known) if known else None
+
+    rows: list[dict] = []
+    for n, job in enumerate(jobs, start=1):
+        target = dataset_target if cfg.norm_target == "dataset" else slide_targets[job.stem]
+        tick = progress_factory(f"[{n}/{len(jobs)}] {job.stem}", 0) if progress_factory else None
+        rows.extend(_extract_slide(job, cfg, staging, stats[job.stem], target, tissue_cfg, class_map, tick))
+    if not rows:
+        raise UserInputError(
+            "no ROI passed the tissue threshold; lower --min-tissue or check --roi-size", input_dir
+        )
+
+    split_of_group = assign_splits([j.group for j in jobs], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    for row in rows:
+        row["split"] = split_of_group[row["group"]]
+    with (staging / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    meta = {
+        "format": DATASET_FORMAT,
+        "diffusiondci_version": __version__,
+        "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)},
+        "num_patches": len(rows),
+        "splits": counts,
+        "parameters": dataclasses.asdict(cfg),
+        "parameters_hash": params_hash,
+        "source": {
+            "input": str(input_dir.resolve()),
+            "masks": str(masks_dir.resolve()) if masks_dir else None,
+            "groups_csv": str(Path(groups_csv).resolve()) if groups_csv else None,
+            "class_map": class_map,
+            "slides": [
+                {"stem": j.stem, "file": j.path.name, "annotation": j.annotation_path.name,
+                 "group": j.group, "split": split_of_group[j.group],
+                 "height": stats[j.stem]["height"], "width": stats[j.stem]["width"]}
+                for j in jobs
+            ],
+        },
+        "color_norm": {
+            "enabled": cfg.color_norm,
+            "target_mode": cfg.norm_target,
+            "tile_size": cfg.tile_size,
+            "tissue": dataclasses.asdict(tissue_cfg),
+            # What inference must map to: the dataset target, or (slide mode) each slide's own average;
+            # ``target`` is then the mean of the slide averages, kept for reference.
+            "target": dataset_target.to_dict() if dataset_target else None,
+            "slide_targets": {k: v.to_dict() for k, v in slide_targets.items() if v is not None},
+        },
+    }
+    _write_json_atomic(staging / "dataset.json", meta)
+    shutil.rmtree(staging / "state")
+    (staging / "params_hash.txt").unlink()
+    if out.exists():
+        out.rmdir()  # verified empty above
+    staging.replace(out)
+    log(f"wrote {len(rows)} patches from {len(jobs)} slide(s) to {out} "
+        f"(train {counts['train']}, val {counts['val']}, test {counts['test']})")
+    return out
