@@ -241,8 +241,8 @@ def _lobules(
             break
         k = rng.integers(len(ys))
         cy, cx = float(ys[k]), float(xs[k])
-        duct = rng.random() < 0.25
         radius = rng.uniform(*radius_range)
+        duct = rng.random() < 0.25 and radius >= 30
         y0, y1 = max(int(cy - radius - 8), 0), min(int(cy + radius + 9), h)
         x0, x1 = max(int(cx - radius - 8), 0), min(int(cx + radius + 9), w)
         yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
@@ -315,7 +315,7 @@ class _Canvas:
         self.v = np.zeros(shape, np.float32)
         self.vh = np.zeros(shape, np.float32)
         self.vs = np.zeros(shape, np.float32)
-        self._splats: dict[float, list[np.ndarray]] = {}
+        self._splats: dict[float, list[tuple[np.ndarray, ...]]] = {}
 
     def add_field(self, value: np.ndarray, hue, sat) -> None:
         self.v += value
@@ -323,24 +323,26 @@ class _Canvas:
         self.vs += value * sat
 
     def add_cells(self, rows, cols, amp, hue, sat, sigma: float) -> None:
-        """Gaussian cells of peak ``amp`` at integer positions (rendered in :meth:`hsv`)."""
+        """Gaussian cells of peak ``amp`` at (rounded) positions; rendered together in :meth:`hsv`."""
         h, w = self.shape
         rows = np.clip(np.asarray(rows).round().astype(np.int64), 0, h - 1)
         cols = np.clip(np.asarray(cols).round().astype(np.int64), 0, w - 1)
         flat = rows * w + cols
         amp = np.broadcast_to(np.asarray(amp, np.float64), flat.shape)
-        acc = self._splats.setdefault(sigma, [np.zeros(h * w) for _ in range(3)])
-        acc[0] += np.bincount(flat, weights=amp, minlength=h * w)
-        acc[1] += np.bincount(flat, weights=amp * hue, minlength=h * w)
-        acc[2] += np.bincount(flat, weights=amp * sat, minlength=h * w)
+        hue = np.broadcast_to(np.asarray(hue, np.float64), flat.shape)
+        sat = np.broadcast_to(np.asarray(sat, np.float64), flat.shape)
+        self._splats.setdefault(sigma, []).append((flat, amp, amp * hue, amp * sat))
 
     def hsv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        for sigma, acc in self._splats.items():
+        """Render the cells, then return value and the value-weighted mean hue and saturation."""
+        n = self.shape[0] * self.shape[1]
+        for sigma, parts in self._splats.items():
+            flat = np.concatenate([p[0] for p in parts])
             gain = 2 * math.pi * sigma * sigma  # a filtered impulse of weight a peaks at a
-            v, vh, vs = (ndi.gaussian_filter(a.reshape(self.shape), sigma, truncate=3.0) * gain for a in acc)
-            self.v += v.astype(np.float32)
-            self.vh += vh.astype(np.float32)
-            self.vs += vs.astype(np.float32)
+            for k, target in ((1, self.v), (2, self.vh), (3, self.vs)):
+                acc = np.bincount(flat, weights=np.concatenate([p[k] for p in parts]), minlength=n)
+                acc = ndi.gaussian_filter(acc.reshape(self.shape).astype(np.float32), sigma, truncate=3.0)
+                target += acc * gain
         self._splats.clear()
         eps = 1e-6
         return self.v, self.vh / (self.v + eps), self.vs / (self.v + eps)
@@ -354,7 +356,6 @@ def _poisson_points(rng: np.random.Generator, density: np.ndarray) -> tuple[np.n
 
 def _render(
     rng: np.random.Generator,
-    outline: np.ndarray,
     tissue: np.ndarray,
     fat: np.ndarray,
     malignant: np.ndarray,
@@ -382,7 +383,8 @@ def _render(
     # sparse stromal cells (fibroblasts, immune cells): green-cyan dots
     ys, xs = _poisson_points(rng, tissue * (1 / 500))
     n = len(ys)
-    canvas.add_cells(ys, xs, rng.uniform(0.3, 0.7, n), 0.42 + shift + rng.normal(0, 0.05, n), 0.7, _CELL_SIGMA)
+    hues = 0.42 + shift + rng.normal(0, 0.05, n)
+    canvas.add_cells(ys, xs, rng.uniform(0.3, 0.7, n), hues, 0.7, _CELL_SIGMA)
 
     # fat: membranes around the vacuoles
     membrane = ndi.binary_dilation(fat, _disk(1.5)) & ~fat
@@ -393,7 +395,8 @@ def _render(
     canvas.add_field(loose, 0.46 + shift, 0.6)
     b_hue = 0.36 + shift + rng.normal(0, 0.02)
     for cy, cx, r in acini:
-        for radius, spacing, amp, hue, layer in ((r, 2.8, (0.55, 1.0), b_hue, "epi"), (r + 2.6, 5.0, (0.3, 0.5), 0.52, "myo")):
+        layers = ((r, 2.8, (0.55, 1.0), b_hue, "epi"), (r + 2.6, 5.0, (0.3, 0.5), 0.52, "myo"))
+        for radius, spacing, amp, hue, layer in layers:
             k = max(6, int(round(2 * math.pi * radius / spacing)))
             theta = np.linspace(0, 2 * math.pi, k, endpoint=False) + rng.uniform(0, 2 * math.pi)
             theta += rng.normal(0, 0.25 * spacing / radius, k)
@@ -413,8 +416,8 @@ def _render(
         dens = soft_malig * nests * tissue * (_TUMOUR_DENSITY * share * (1.4 / sigma) ** 2)
         ys, xs = _poisson_points(rng, dens)
         n = len(ys)
-        hues = np.clip(m_hue + hue_var[ys.round().astype(int).clip(0, h - 1), xs.round().astype(int).clip(0, w - 1)]
-                       + rng.normal(0, 0.03, n), 0.0, 0.2)
+        local = hue_var[ys.round().astype(int).clip(0, h - 1), xs.round().astype(int).clip(0, w - 1)]
+        hues = np.clip(m_hue + local + rng.normal(0, 0.03, n), 0.0, 0.2)
         canvas.add_cells(ys, xs, rng.uniform(0.45, 1.25, n), hues, rng.uniform(0.75, 0.95, n), sigma)
 
     v, hue, sat = canvas.hsv()
@@ -455,10 +458,6 @@ def _apply_casts(
     return np.clip(np.round(out), 0, 255).astype(np.uint8), casts
 
 
-def _rng(seed) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
 def generate_slide(
     size: tuple[int, int] = (768, 768),
     tile_size: int = 256,
@@ -482,7 +481,7 @@ def generate_slide(
         raise UserInputError(f"phantom tile_size must be at least 16 px, got {tile_size}")
     if not cast_strength >= 0:
         raise UserInputError(f"phantom cast_strength must be >= 0, got {cast_strength}")
-    rng = _rng(seed)
+    rng = np.random.default_rng(seed)
     shape = (h, w)
     outline = _tissue_outline(rng, shape)
     malignant = _malignant_region(rng, outline, rng.uniform(0.12, 0.35))
@@ -499,7 +498,7 @@ def generate_slide(
     mask = np.zeros(shape, np.uint8)
     mask[benign] = 1
     mask[malignant] = 2
-    clean = _render(rng, outline, tissue, fat, malignant, benign, acini)
+    clean = _render(rng, tissue, fat, malignant, benign, acini)
     rgb, casts = _apply_casts(rng, clean, tissue, int(tile_size), float(cast_strength))
     return PhantomSlide(rgb=rgb, clean_rgb=clean, mask=mask, tissue=tissue, casts=casts)
 

@@ -31,7 +31,7 @@ from .. import CLASS_NAMES, __version__
 from ..errors import UserInputError
 from . import color
 from .annotations import load_class_map, load_geojson
-from .imageio import IMAGE_SUFFIXES, write_png_atomic
+from .imageio import IMAGE_SUFFIXES, read_rgb, write_png_atomic
 from .slides import open_label_image, open_slide
 from .splits import assign_splits, read_groups
 from .tiling import roi_grid
@@ -202,27 +202,21 @@ def _annotation_reader(job: SlideJob, height: int, width: int, cfg: PrepareConfi
 
 
 def _thumbnail_factor(height: int, width: int, tile_size: int) -> int:
-    """Integer downsample for thumbnails; a divisor of ``tile_size`` when one is close enough."""
+    """Integer downsample for thumbnails: the smallest divisor of ``tile_size`` that brings the
+    longest side to at most ``THUMB_MAX_SIDE`` (so thumbnail tiles align with acquisition tiles)."""
     need = max(1, -(-max(height, width) // THUMB_MAX_SIDE))
-    for d in range(need, min(2 * need, tile_size) + 1):
-        if tile_size % d == 0:
-            return d
-    return need
+    return next(d for d in range(min(need, tile_size), tile_size + 1) if tile_size % d == 0)
 
 
-def _slide_thumbnail(slide, factor: int) -> np.ndarray:
-    """Block-averaged thumbnail, read in horizontal strips (memory bounded)."""
-    th, tw = -(-slide.height // factor), -(-slide.width // factor)
-    out = np.zeros((th, tw, 3), np.uint8)
-    strip = max(factor, (4096 // factor) * factor)
-    for y in range(0, slide.height, strip):
-        h = min(strip, slide.height - y)
-        region = slide.read_region(0, y, tw * factor, -(-h // factor) * factor).astype(np.float32)
-        rh = region.shape[0] // factor
-        out[y // factor : y // factor + rh] = (
-            region.reshape(rh, factor, tw, factor, 3).mean(axis=(1, 3)).round().astype(np.uint8)
-        )
-    return out
+def _validate_label_image(job: SlideJob, height: int, width: int, cfg: PrepareConfig) -> None:
+    """Check size and labels of the whole label image up front, strip by strip (memory bounded),
+    so that a bad mask stops the run before any patch is written."""
+    labels = open_label_image(job.annotation_path, height, width, max_pixels=cfg.max_pixels)
+    strip = max(1, 2**24 // max(width, 1))
+    for y in range(0, height, strip):
+        labels.read_region(0, y, width, min(strip, height - y))
+    if hasattr(labels, "close"):
+        labels.close()
 
 
 def _collect_stats(job: SlideJob, cfg: PrepareConfig, staging: Path, tissue_cfg) -> dict:
@@ -231,8 +225,15 @@ def _collect_stats(job: SlideJob, cfg: PrepareConfig, staging: Path, tissue_cfg)
     if path.is_file():
         return json.loads(path.read_text())
     with open_slide(job.path, max_pixels=cfg.max_pixels) as slide:
-        tiles = color.compute_slide_tile_stats(slide, cfg.tile_size, tissue_cfg)
+        factor = _thumbnail_factor(slide.height, slide.width, cfg.tile_size)
+        tiles, thumb = color.compute_slide_tile_stats(
+            slide, cfg.tile_size, tissue_cfg, thumbnail_factor=factor
+        )
+        write_png_atomic(staging / "state" / f"{job.stem}.thumb.png", thumb)
+        if job.annotation_kind == "mask":
+            _validate_label_image(job, slide.height, slide.width, cfg)
         record = {
+            "thumbnail_factor": factor,
             "height": slide.height,
             "width": slide.width,
             "tiles": [[ty, tx, s.to_dict()] for (ty, tx), s in tiles.items()],
@@ -260,8 +261,6 @@ def _extract_slide(
     with open_slide(job.path, max_pixels=cfg.max_pixels) as slide:
         read_mask, closer = _annotation_reader(job, slide.height, slide.width, cfg, class_map)
         grid = roi_grid(slide.height, slide.width, cfg.roi_size, cfg.stride, cfg.edge)
-        factor = _thumbnail_factor(slide.height, slide.width, cfg.tile_size)
-        thumb_before = _slide_thumbnail(slide, factor)
         for i, (x, y) in enumerate(grid):
             region = slide.read_region(x, y, cfg.roi_size, cfg.roi_size, fill=0)
             preview = np.asarray(
@@ -294,15 +293,13 @@ def _extract_slide(
                 progress(i + 1, len(grid))
         if closer is not None and hasattr(closer, "close"):
             closer.close()
-        if normalizer is not None:
-            tile_px = cfg.tile_size // factor if cfg.tile_size % factor == 0 else None
-            if tile_px:
-                after = color.TileNormalizer(_tile_dict(stats), target, tile_px).apply(thumb_before, 0, 0)
-                color.save_before_after(
-                    thumb_before, after, staging / "thumbnails" / f"{job.stem}_colornorm.png"
-                )
-        else:
-            write_png_atomic(staging / "thumbnails" / f"{job.stem}.png", thumb_before)
+    thumb_before = read_rgb(staging / "state" / f"{job.stem}.thumb.png")
+    if normalizer is not None:
+        tile_px = cfg.tile_size // stats["thumbnail_factor"]
+        after = color.TileNormalizer(_tile_dict(stats), target, tile_px).apply(thumb_before, 0, 0)
+        color.save_before_after(thumb_before, after, staging / "thumbnails" / f"{job.stem}_colornorm.png")
+    else:
+        write_png_atomic(staging / "thumbnails" / f"{job.stem}.png", thumb_before)
     _write_json_atomic(done, rows)
     return rows
 
