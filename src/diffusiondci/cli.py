@@ -107,6 +107,24 @@ def import_patches_cmd(
                    test_fraction=test_fraction, seed=seed, log=typer.echo)
 
 
+@app.command("train-encoder")
+def train_encoder_cmd(
+    data: Annotated[Path, typer.Argument(help="Patch dataset folder (from prepare or import-patches).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")],
+    preset: PresetOpt = "paper",
+    steps: Annotated[Optional[int], typer.Option(help="Training iterations (overrides the preset).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+) -> None:
+    """Train the ResNet-18 reference encoder with SimCLR and cache patch embeddings."""
+    from .train.encoder import EncoderConfig, train_encoder
+
+    cfg = build(EncoderConfig, load_section(preset, "encoder"), steps=steps, batch_size=batch_size, seed=seed)
+    run = train_encoder(data, out, cfg, resume=resume)
+    typer.echo(f"encoder run: {run} (encoder/, embeddings.safetensors, log.csv)")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("demo_output"),
@@ -115,6 +133,7 @@ def demo(
     """Run the pipeline on the embedded, generated sample at the tiny preset."""
     from .data.phantom import write_sample
     from .data.prepare import PrepareConfig, prepare_dataset
+    from .data.preview import dataset_overview
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
@@ -126,10 +145,12 @@ def demo(
     dataset = prepare_dataset(sample_dir / "slides", out / "dataset", cfg,
                               groups_csv=sample_dir / "slides" / "groups.csv",
                               log=typer.echo, progress_factory=_progress_factory)
+    overview = dataset_overview(dataset, out / "overview.png")
     typer.echo("")
     typer.echo(f"demo finished in {time.perf_counter() - start:.1f} s")
     typer.echo(f"  patch dataset:     {dataset} (images/, masks/, manifest.csv, dataset.json)")
     typer.echo(f"  colour-norm views: {dataset / 'thumbnails'}")
+    typer.echo(f"  overview picture:  {overview}")
 
 
 def main() -> None:

@@ -131,7 +131,7 @@ def _check_rgb(rgb: np.ndarray, name: str = "image") -> np.ndarray:
 
 def _to_chw(rgb: np.ndarray) -> torch.Tensor:
     """uint8 (or float [0,1]) HxWx3 -> float32 3xHxW tensor in [0, 1]."""
-    t = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+    t = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).permute(2, 0, 1)
     return t.float().div_(255.0) if rgb.dtype == np.uint8 else t.float()
 
 
