@@ -87,7 +87,9 @@ def test_vlb_equals_independent_kl_and_decoder_nll():
         log_var_p = (v + 1) / 2 * math.log(beta) + (1 - v) / 2 * min_log
         p = Normal(mu_p, torch.exp(0.5 * log_var_p))
         if step > 0:
-            post_mean = post_var * (math.sqrt(a_bar_prev) * x0[row] / (1 - a_bar_prev) + math.sqrt(1 - beta) * x_t[row] / beta)
+            post_mean = post_var * (
+                math.sqrt(a_bar_prev) * x0[row] / (1 - a_bar_prev) + math.sqrt(1 - beta) * x_t[row] / beta
+            )
             q = Normal(post_mean, torch.full_like(post_mean, math.sqrt(post_var)))
             expected = kl_divergence(q, p).mean() / math.log(2)
         else:

@@ -43,7 +43,8 @@ def _gaussian_oracle(sched: DiffusionSchedule, sub: DiffusionSchedule, mu: float
         eps = (1 - a_bar).sqrt() * (x - a_bar.sqrt() * mu) / denom
         i = index[t]
         var_x0 = s**2 * (1 - a_bar) / denom
-        sigma2 = sub.posterior_variance[i].view(-1, 1, 1, 1) + sub.posterior_mean_coef1[i].view(-1, 1, 1, 1) ** 2 * var_x0
+        coef1 = sub.posterior_mean_coef1[i].view(-1, 1, 1, 1)
+        sigma2 = sub.posterior_variance[i].view(-1, 1, 1, 1) + coef1**2 * var_x0
         lo = sub.posterior_log_variance_clipped[i].view(-1, 1, 1, 1)
         hi = torch.log(sub.betas[i]).view(-1, 1, 1, 1)
         v = torch.where(i.view(-1, 1, 1, 1) > 0, 2 * (torch.log(sigma2) - lo) / (hi - lo) - 1, torch.zeros_like(lo))
@@ -75,7 +76,8 @@ def test_respaced_ddpm_with_exact_gaussian_oracle_reproduces_data_distribution()
     sched = DiffusionSchedule(1000)
     sub = sched.respace(evenly_spaced_timesteps(1000, steps))
     model_fn = _gaussian_oracle(sched, sub, mu, s)
-    x = ddpm_sample(model_fn, sched, (20_000, 1, 1, 1), torch.Generator().manual_seed(2), steps=steps, clip_denoised=False)
+    gen = torch.Generator().manual_seed(2)
+    x = ddpm_sample(model_fn, sched, (20_000, 1, 1, 1), gen, steps=steps, clip_denoised=False)
     assert abs(float(x.mean()) - mu) < 0.01
     assert abs(float(x.std()) - s) < 0.006  # Σ = β̃ alone gives 0.27, Σ = β alone 0.31
 
@@ -103,7 +105,9 @@ def _toy_model(x, t):
 )
 def test_sampling_is_bit_reproducible_per_seed(sampler, kwargs):
     sched = DiffusionSchedule(200)
-    run = lambda seed: sampler(_toy_model, sched, (2, 3, 8, 8), torch.Generator().manual_seed(seed), **kwargs)  # noqa: E731
+    def run(seed):
+        return sampler(_toy_model, sched, (2, 3, 8, 8), torch.Generator().manual_seed(seed), **kwargs)
+
     a, b, c = run(11), run(11), run(12)
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
@@ -121,12 +125,14 @@ def test_intermediates_and_progress_callback():
     sched = DiffusionSchedule(100)
     ticks: list[tuple[int, int]] = []
     x, snaps = ddpm_sample(
-        _toy_model, sched, (1, 3, 4, 4), torch.Generator().manual_seed(0), steps=9, progress=lambda k, n: ticks.append((k, n)),
-        return_intermediates=True, intermediate_fractions=(0.0, 0.5, 1.0), intermediate_kind="x_t",
+        _toy_model, sched, (1, 3, 4, 4), torch.Generator().manual_seed(0), steps=9,
+        progress=lambda k, n: ticks.append((k, n)), return_intermediates=True,
+        intermediate_fractions=(0.0, 0.5, 1.0), intermediate_kind="x_t",
     )
     assert ticks == [(k, 9) for k in range(1, 10)]
     assert len(snaps) == 3 and torch.equal(snaps[-1], x)
-    _, preds = ddim_sample(_toy_model, sched, (1, 3, 4, 4), torch.Generator().manual_seed(0), steps=5, return_intermediates=True)
+    gen = torch.Generator().manual_seed(0)
+    _, preds = ddim_sample(_toy_model, sched, (1, 3, 4, 4), gen, steps=5, return_intermediates=True)
     assert len(preds) == 5 and all(p.shape == (1, 3, 4, 4) for p in preds)
     assert float(preds[-1].abs().max()) <= 1.0  # clipped x̂_0
 
@@ -182,7 +188,8 @@ def test_guided_model_fn_drives_a_sampler():
     cond, null, _, _ = _conds()
     sched = DiffusionSchedule(50)
     model = _CountingModel()
-    out = ddim_sample(cfg_model_fn(model, cond, null, 2.0), sched, (3, 3, 8, 8), torch.Generator().manual_seed(0), steps=4)
+    guided = cfg_model_fn(model, cond, null, 2.0)
+    out = ddim_sample(guided, sched, (3, 3, 8, 8), torch.Generator().manual_seed(0), steps=4)
     assert out.shape == (3, 3, 8, 8) and model.batches == [6] * 4
 
 
@@ -193,7 +200,8 @@ def test_drop_conditions_frequencies_and_null_replacement():
     null = {"mask": torch.zeros(4, 4, dtype=torch.long), "ref": torch.zeros(1, 8), "other": torch.zeros(1)}
     mixed, keep = drop_conditions(cond, null, p_mask=0.1, p_ref=0.2, p_both=0.05, generator=g)
     km, kr = keep["mask"], keep["ref"]
-    for freq, p in (((~km & kr).float().mean(), 0.1), ((km & ~kr).float().mean(), 0.2), ((~km & ~kr).float().mean(), 0.05)):
+    cases = (((~km & kr).float().mean(), 0.1), ((km & ~kr).float().mean(), 0.2), ((~km & ~kr).float().mean(), 0.05))
+    for freq, p in cases:
         assert abs(float(freq) - p) < 4 * math.sqrt(p * (1 - p) / n)
     assert torch.equal(mixed["mask"].flatten(1).amax(1).bool(), km)
     assert torch.equal(mixed["ref"].amax(1).bool(), kr)

@@ -22,7 +22,8 @@ def test_cosine_alpha_bar_matches_formula_and_beta_clip():
     assert float(sched.betas.max()) <= 0.999
     assert math.isclose(float(sched.betas[-1]), 0.999)  # the last beta is the clipped one
     # where no beta was clipped, ᾱ_t (index t = paper step t+1) = f(t+1) / f(0)
-    expected = torch.tensor([_cosine_alpha_bar(i + 1, T) / _cosine_alpha_bar(0, T) for i in range(T)], dtype=torch.float64)
+    f0 = _cosine_alpha_bar(0, T)
+    expected = torch.tensor([_cosine_alpha_bar(i + 1, T) / f0 for i in range(T)], dtype=torch.float64)
     unclipped = sched.betas < 0.999
     assert int(unclipped.sum()) >= T - 2
     torch.testing.assert_close(sched.alphas_cumprod[unclipped], expected[unclipped], rtol=1e-10, atol=1e-14)
@@ -79,7 +80,9 @@ def test_posterior_equals_bayes_closed_form():
         beta = float(sched.betas[step])
         precision = 1 / (1 - a_bar_prev) + (1 - beta) / beta
         post_var = 1 / precision
-        post_mean = post_var * (math.sqrt(a_bar_prev) * x0[row] / (1 - a_bar_prev) + math.sqrt(1 - beta) * x_t[row] / beta)
+        post_mean = post_var * (
+            math.sqrt(a_bar_prev) * x0[row] / (1 - a_bar_prev) + math.sqrt(1 - beta) * x_t[row] / beta
+        )
         torch.testing.assert_close(mean[row], post_mean, rtol=1e-9, atol=1e-12)
         assert math.isclose(float(var[row]), post_var, rel_tol=1e-9)
         assert math.isclose(float(log_var[row]), math.log(post_var), rel_tol=1e-9)
@@ -135,7 +138,8 @@ def test_p_mean_variance_clips_pred_x0():
 def test_respace_all_steps_equals_original():
     sched = DiffusionSchedule(300)
     same = sched.respace(range(300))
-    for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1"):
+    names = ("betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1")
+    for name in names:
         torch.testing.assert_close(getattr(same, name), getattr(sched, name), rtol=1e-9, atol=1e-15)
     assert torch.equal(same.timestep_map, torch.arange(300))
 
@@ -150,7 +154,8 @@ def test_respaced_alpha_bar_matches_kept_steps_and_map_composes():
     assert sub.timestep_map.tolist() == keep
     # β_i = 1 − ᾱ_i / ᾱ_{i−1} over kept indices, β_0 = 1 − ᾱ_{keep[0]}
     assert float(sub.betas[0]) == pytest.approx(1 - float(sched.alphas_cumprod[0]))
-    assert float(sub.betas[3]) == pytest.approx(1 - float(sched.alphas_cumprod[keep[3]] / sched.alphas_cumprod[keep[2]]))
+    a_bar = sched.alphas_cumprod
+    assert float(sub.betas[3]) == pytest.approx(1 - float(a_bar[keep[3]] / a_bar[keep[2]]))
     subsub = sub.respace([0, 10, 24])
     assert subsub.timestep_map.tolist() == [keep[0], keep[10], keep[24]]
     torch.testing.assert_close(subsub.alphas_cumprod, sched.alphas_cumprod[subsub.timestep_map])

@@ -96,6 +96,8 @@ def hybrid_loss(
     Returns:
         dict with ``loss``, ``mse`` (L_simple, mean over C, H, W) and ``vlb`` (L_t in bits/dim).
     """
+    if model_output.dtype in (torch.float16, torch.bfloat16):  # bound terms need float32 (log-variances, CDFs)
+        model_output = model_output.float()
     channels = x_t.shape[1]
     eps = model_output[:, :channels]
     mse = _per_sample_mean((noise - eps) ** 2)

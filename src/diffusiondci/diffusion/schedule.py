@@ -72,7 +72,7 @@ def extract(values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.
 def evenly_spaced_timesteps(num_timesteps: int, steps: int) -> list[int]:
     """``steps`` indices from 0 to T−1 inclusive, evenly spaced (rounded), as in improved DDPM's respacing."""
     if not 1 <= steps <= num_timesteps:
-        raise UserInputError(f"sampling steps must be between 1 and the {num_timesteps} training timesteps, got {steps}")
+        raise UserInputError(f"sampling steps must be between 1 and {num_timesteps} (training timesteps), got {steps}")
     if steps == 1:
         return [num_timesteps - 1]
     stride = (num_timesteps - 1) / (steps - 1)
@@ -89,7 +89,7 @@ class DiffusionSchedule:
     Attributes (all float64 tensors of length T on the CPU): ``betas``, ``alphas_cumprod``,
     ``alphas_cumprod_prev``, ``sqrt_alphas_cumprod``, ``sqrt_one_minus_alphas_cumprod``,
     ``sqrt_recip_alphas_cumprod``, ``sqrt_recipm1_alphas_cumprod``, ``posterior_variance`` (β̃_t),
-    ``posterior_log_variance_clipped``, ``posterior_mean_coef1``, ``posterior_mean_coef2``;
+    ``posterior_log_variance_clipped``, ``posterior_mean_coef1``, ``posterior_mean_coef2``, ``log_betas``;
     ``timestep_map`` (LongTensor, T) maps indices of this schedule to the timesteps the network
     was trained with (the identity unless :meth:`respace` made it).
     """
@@ -134,6 +134,7 @@ class DiffusionSchedule:
         self.posterior_log_variance_clipped = torch.log(torch.cat([first, self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        self.log_betas = torch.log(betas)  # upper end of the learned-range log variance
 
     @property
     def num_timesteps(self) -> int:
@@ -149,7 +150,8 @@ class DiffusionSchedule:
     # ------------------------------------------------------------------ forward process
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε (eq. 4)."""
-        return extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        sqrt_a, sqrt_1ma = extract(self.sqrt_alphas_cumprod, t, x0), extract(self.sqrt_one_minus_alphas_cumprod, t, x0)
+        return sqrt_a * x0 + sqrt_1ma * noise
 
     def q_posterior_mean_variance(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
@@ -160,7 +162,8 @@ class DiffusionSchedule:
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t (eq. 4 solved for x_0)."""
-        return extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        a = extract(self.sqrt_recip_alphas_cumprod, t, x_t)
+        return a * x_t - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """ε = (x_t / √ᾱ_t − x_0) / √(1/ᾱ_t − 1), the inverse of :meth:`predict_x0_from_eps`."""
@@ -186,7 +189,7 @@ class DiffusionSchedule:
         if model_output.shape[1] == 2 * channels:
             eps, v = model_output[:, :channels], model_output[:, channels:]
             min_log = extract(self.posterior_log_variance_clipped, t, x_t)
-            max_log = extract(torch.log(self.betas), t, x_t)
+            max_log = extract(self.log_betas, t, x_t)
             frac = (v + 1) / 2
             log_variance = frac * max_log + (1 - frac) * min_log
         elif model_output.shape[1] == channels:
@@ -200,7 +203,8 @@ class DiffusionSchedule:
         if clip_denoised:
             pred_x0 = pred_x0.clamp(-1.0, 1.0)
         mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
-        return {"mean": mean, "variance": log_variance.exp(), "log_variance": log_variance, "pred_x0": pred_x0, "eps": eps}
+        variance = log_variance.exp()
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0, "eps": eps}
 
     # ------------------------------------------------------------------ respacing
     def respace(self, use_timesteps: Iterable[int]) -> DiffusionSchedule:
