@@ -64,8 +64,6 @@ from ..errors import UserInputError
 
 __all__ = ["PhantomSlide", "SampleInfo", "TileCasts", "generate_slide", "mask_to_geojson", "write_sample"]
 
-#: QuPath class names of labels 1 and 2, and their display colours (packed as QuPath does in GeoJSON).
-GEOJSON_CLASSES = {1: ("Benign", [0, 200, 200]), 2: ("Malignant", [230, 200, 0])}
 #: Tile size of the TIFF slides (the pyramid-free, tiled layout that real DCI exports use).
 TIFF_TILE = 256
 
@@ -507,58 +505,11 @@ def generate_slide(
 # annotations
 
 
-def _class_geometry(binary: np.ndarray):
-    """Polygons (with holes) whose pixel-centre rasterisation is ``binary`` (QuPath coordinates)."""
-    import shapely
-    from shapely.geometry import Polygon
-    from skimage.measure import find_contours
-
-    padded = np.pad(binary.astype(np.float32), 1)
-    rings = []
-    for contour in find_contours(padded, 0.5):
-        if len(contour) < 4:
-            continue
-        # contour is (row, col) in padded index space; pixel centre (r, c) -> (x, y) = (c + .5, r + .5)
-        xy = np.stack([contour[:, 1] - 0.5, contour[:, 0] - 0.5], axis=1)
-        poly = shapely.make_valid(Polygon(xy))
-        if not poly.is_empty and poly.area > 0:
-            rings.append(poly)
-    if not rings:
-        return None
-    # even-odd rule: nested contours alternate between outer boundaries and holes
-    geom = rings[0]
-    for poly in rings[1:]:
-        geom = geom.symmetric_difference(poly)
-    geom = shapely.make_valid(geom.simplify(0.25, preserve_topology=True))
-    polys = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type == "Polygon" and g.area > 0]
-    if not polys:
-        return None
-    polys = [shapely.geometry.polygon.orient(p, 1.0) for p in polys]
-    return polys[0] if len(polys) == 1 else shapely.geometry.MultiPolygon(polys)
-
-
 def mask_to_geojson(mask: np.ndarray) -> dict:
-    """A QuPath-style GeoJSON ``FeatureCollection`` with one feature per class present in ``mask``.
+    """QuPath-style GeoJSON of ``mask`` (see :func:`diffusiondci.data.annotations.mask_to_geojson`)."""
+    from .annotations import mask_to_geojson as export
 
-    Each feature is a ``Polygon`` or ``MultiPolygon`` (holes included) with
-    ``properties.classification.name`` ``"Benign"`` (label 1) or ``"Malignant"`` (label 2);
-    coordinates are QuPath pixel coordinates (see the module docstring), rounded to 0.01 px.
-    """
-    from shapely.geometry import mapping
-
-    features = []
-    for label, (name, colour) in GEOJSON_CLASSES.items():
-        geom = _class_geometry(mask == label)
-        if geom is None:
-            continue
-        geometry = json.loads(json.dumps(mapping(geom)), parse_float=lambda s: round(float(s), 2))
-        features.append({
-            "type": "Feature",
-            "id": f"phantom-{name.lower()}",
-            "geometry": geometry,
-            "properties": {"objectType": "annotation", "classification": {"name": name, "color": colour}},
-        })
-    return {"type": "FeatureCollection", "features": features}
+    return export(mask)
 
 
 # --------------------------------------------------------------------------------------------------
