@@ -147,6 +147,9 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     return rgb.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
+_CHUNK_PX = 1 << 18  # pixels converted at once by TileNormalizer.apply
+
+
 # --------------------------------------------------------------------------- tissue detection
 def _weight_from_lab(lab: torch.Tensor, cfg: TissueConfig) -> torch.Tensor:
     """Soft tissue weight from a ``3 x ...`` LAB tensor (see :func:`tissue_weight`)."""
@@ -398,7 +401,12 @@ class TileNormalizer:
                     continue
                 ys, ye = max(ty * T, y0) - y0, min((ty + 1) * T, y0 + h) - y0
                 xs, xe = max(tx * T, x0) - x0, min((tx + 1) * T, x0 + w) - x0
-                out[ys:ye, xs:xe] = self._normalize_piece(rgb[ys:ye, xs:xe], (ty, tx))
+                # pixel-wise transfer: rows are processed in chunks of <= _CHUNK_PX pixels so that
+                # the float temporaries stay small (bounded memory on 3450 px ROIs)
+                rows = max(1, _CHUNK_PX // (xe - xs))
+                for r in range(ys, ye, rows):
+                    re_ = min(r + rows, ye)
+                    out[r:re_, xs:xe] = self._normalize_piece(rgb[r:re_, xs:xe], (ty, tx))
         return out
 
     def to_dict(self) -> dict:
