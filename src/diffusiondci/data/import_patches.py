@@ -9,7 +9,6 @@ patch ids to groups (patients), so splits never put one group on both sides.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import shutil
@@ -21,7 +20,7 @@ import numpy as np
 from .. import CLASS_NAMES, __version__
 from ..errors import UserInputError
 from .imageio import IMAGE_SUFFIXES, read_mask, read_rgb, write_png_atomic
-from .prepare import DATASET_FORMAT, MANIFEST_COLUMNS, _check_existing_output, _write_json_atomic
+from .prepare import DATASET_FORMAT, check_existing_output, write_json_atomic, write_manifest
 from .splits import assign_splits, read_groups
 
 
@@ -55,7 +54,7 @@ def import_patches(
         digest.update(f"{p.name}:{p.stat().st_size};".encode())
     digest.update(json.dumps([groups, val_fraction, test_fraction, seed], sort_keys=True).encode())
     params_hash = digest.hexdigest()[:16]
-    if _check_existing_output(out, params_hash):
+    if check_existing_output(out, params_hash):
         log(f"{out} already holds this import; nothing to do")
         return out
     staging = out.with_name(out.name + ".partial")
@@ -96,14 +95,8 @@ def import_patches(
             "labelled": 1,
         })
     split_of = assign_splits([r["group"] for r in rows], val_fraction, test_fraction, seed)
-    for row in rows:
-        row["split"] = split_of[row["group"]]
-    with (staging / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
-    _write_json_atomic(staging / "dataset.json", {
+    counts = write_manifest(staging, rows, split_of)
+    write_json_atomic(staging / "dataset.json", {
         "format": DATASET_FORMAT,
         "diffusiondci_version": __version__,
         "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)},

@@ -143,7 +143,7 @@ def _params_hash(cfg: PrepareConfig, jobs: list[SlideJob], class_map: dict | Non
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _check_existing_output(out: Path, params_hash: str) -> bool:
+def check_existing_output(out: Path, params_hash: str) -> bool:
     """True when ``out`` already holds this very dataset; error when it holds something else."""
     if not out.exists():
         return False
@@ -174,10 +174,21 @@ def _open_staging(out: Path, params_hash: str) -> Path:
     return staging
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
+def write_json_atomic(path: Path, obj: object) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)
+
+
+def write_manifest(folder: Path, rows: list[dict], split_of_group: dict[str, str]) -> dict[str, int]:
+    """Fill each row's split from its group, write ``manifest.csv``; returns patches per split."""
+    for row in rows:
+        row["split"] = split_of_group[row["group"]]
+    with (folder / "manifest.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
 
 
 # --------------------------------------------------------------------------- stages
@@ -239,7 +250,7 @@ def _collect_stats(job: SlideJob, cfg: PrepareConfig, staging: Path, tissue_cfg)
             "tiles": [[ty, tx, s.to_dict()] for (ty, tx), s in tiles.items()],
             "average": color.average_stats(tiles.values()).to_dict() if tiles else None,
         }
-    _write_json_atomic(path, record)
+    write_json_atomic(path, record)
     return record
 
 
@@ -300,7 +311,7 @@ def _extract_slide(
         color.save_before_after(thumb_before, after, staging / "thumbnails" / f"{job.stem}_colornorm.png")
     else:
         write_png_atomic(staging / "thumbnails" / f"{job.stem}.png", thumb_before)
-    _write_json_atomic(done, rows)
+    write_json_atomic(done, rows)
     return rows
 
 
@@ -323,7 +334,7 @@ def prepare_dataset(
     class_map = load_class_map(class_map_file) if class_map_file is not None else None
     jobs = plan_jobs(input_dir, masks_dir, Path(groups_csv) if groups_csv else None)
     params_hash = _params_hash(cfg, jobs, class_map)
-    if _check_existing_output(out, params_hash):
+    if check_existing_output(out, params_hash):
         log(f"{out} already holds this dataset (same inputs and parameters); nothing to do")
         return out
     staging = _open_staging(out, params_hash)
@@ -354,13 +365,7 @@ def prepare_dataset(
         )
 
     split_of_group = assign_splits([j.group for j in jobs], cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    for row in rows:
-        row["split"] = split_of_group[row["group"]]
-    with (staging / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
+    counts = write_manifest(staging, rows, split_of_group)
     meta = {
         "format": DATASET_FORMAT,
         "diffusiondci_version": __version__,
@@ -392,7 +397,7 @@ def prepare_dataset(
             "slide_targets": {k: v.to_dict() for k, v in slide_targets.items() if v is not None},
         },
     }
-    _write_json_atomic(staging / "dataset.json", meta)
+    write_json_atomic(staging / "dataset.json", meta)
     shutil.rmtree(staging / "state")
     (staging / "params_hash.txt").unlink()
     if out.exists():
