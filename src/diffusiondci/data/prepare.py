@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .. import CLASS_NAMES, __version__
@@ -326,7 +327,21 @@ def prepare_dataset(
     log: Callable[[str], None] = print,
     progress_factory: Callable[[str, int], Callable[[int, int], None]] | None = None,
 ) -> Path:
-    """Build a patch dataset in ``out``; returns ``out``. See the module docstring."""
+    """Build a patch dataset in ``out``; returns ``out``. See the module docstring.
+
+    The colour maths run on many small arrays, where torch's intra-op threads only add overhead
+    (and stall badly when other processes share the cores): one thread is used meanwhile.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _prepare_dataset(input_dir, out, cfg, masks_dir, groups_csv, class_map_file, log,
+                                progress_factory)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _prepare_dataset(input_dir, out, cfg, masks_dir, groups_csv, class_map_file, log, progress_factory):
     input_dir, out = Path(input_dir), Path(out)
     masks_dir = Path(masks_dir) if masks_dir is not None else None
     if masks_dir is not None and not masks_dir.is_dir():
