@@ -303,6 +303,6 @@ def test_error_out_holds_other_dataset(one_slide, dataset, monkeypatch, capsys):
 
 
 def test_every_command_has_help(monkeypatch, capsys):
-    for command in ("prepare", "import-patches", "demo"):
+    for command in ("prepare", "import-patches", "train-encoder", "train-dsdm", "sample", "demo"):
         code, out, _ = run_cli([command, "--help"], monkeypatch, capsys)
         assert code == 0 and "--out" in out

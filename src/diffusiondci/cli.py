@@ -125,6 +125,66 @@ def train_encoder_cmd(
     typer.echo(f"encoder run: {run} (encoder/, embeddings.safetensors, log.csv)")
 
 
+@app.command("train-dsdm")
+def train_dsdm_cmd(
+    data: Annotated[Path, typer.Argument(help="Patch dataset folder (from prepare or import-patches).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")],
+    encoder: Annotated[Optional[Path], typer.Option("--encoder", help="train-encoder run folder (reference embeddings); not needed with --no-reference.")] = None,
+    preset: PresetOpt = "paper",
+    steps: Annotated[Optional[int], typer.Option(help="Training iterations (overrides the preset; paper 50000).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process (paper 10).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (paper 1e-4).")] = None,
+    no_mask: Annotated[bool, typer.Option("--no-mask", help="Ablation: GroupNorm decoder, no semantic mask.")] = False,
+    no_reference: Annotated[bool, typer.Option("--no-reference", help="Ablation: no reference image (no MCAA, no encoder).")] = False,
+    guidance_drop: Annotated[Optional[float], typer.Option("--guidance-drop", help="Classifier-free guidance: probability of each dropout case (mask only, reference only, both).")] = None,
+    sample_every: Annotated[Optional[int], typer.Option(help="Write DDIM samples every N steps (0 = off).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+) -> None:
+    """Train the DSDM generator (semantic mask + reference image guidance, hybrid loss)."""
+    from .train.dsdm import DSDMConfig, train_dsdm
+
+    cfg = build(
+        DSDMConfig, load_section(preset, "dsdm"),
+        steps=steps, batch_size=batch_size, lr=lr, sample_every=sample_every, seed=seed,
+        decoder_norm="group" if no_mask else None, use_reference=False if no_reference else None,
+        p_drop_mask=guidance_drop, p_drop_ref=guidance_drop, p_drop_both=guidance_drop,
+    )
+    run = train_dsdm(data, out, cfg, encoder_run=encoder, resume=resume, device=device)
+    typer.echo(f"DSDM run: {run} (dsdm.json, checkpoints/, log.csv)")
+
+
+@app.command()
+def sample(
+    model: Annotated[Path, typer.Option("--model", help="DSDM run folder (from train-dsdm).")],
+    masks: Annotated[Path, typer.Option("--masks", help="Folder of label masks (PNG), or a dataset folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (dataset layout: images/, masks/, manifest.csv).")],
+    references: Annotated[Optional[Path], typer.Option("--references", help="Folder of reference images (matched by id, else taken in turn).")] = None,
+    split: Annotated[Optional[str], typer.Option(help="With a dataset as --masks: use this split only.")] = None,
+    preset: PresetOpt = "paper",
+    sampler: Annotated[Optional[str], typer.Option(help="ddpm | ddim.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: all T for ddpm, 50 for ddim).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale s of eq. 17 (paper 3).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Images per mask.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, same images).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per sampling batch.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="latest | best | step_N | a checkpoint folder.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
+) -> None:
+    """Generate DCI patches from semantic masks (+ reference images) with a trained DSDM."""
+    from .diffusion.pipeline import SampleConfig, sample_to_folder
+
+    cfg = build(
+        SampleConfig, load_section(preset, "sample"),
+        sampler=sampler, steps=steps, guidance=guidance, num_samples=num_samples, seed=seed,
+        batch_size=batch_size, checkpoint=checkpoint,
+    )
+    result = sample_to_folder(model, masks, out, cfg, references=references, split=split, device=device,
+                              log=typer.echo)
+    typer.echo(f"samples: {result} (images/, masks/, contact_sheet.png, progression.png)")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("demo_output"),

@@ -1,0 +1,415 @@
+"""``diffusiondci train-dsdm``: train the DSDM generator (paper §IV-B2, §V-A2) in a run folder.
+
+Each optimizer step (paper eqs. 8, 14-17):
+
+1. t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x_0, t, eps) (eq. 4);
+2. conditions y = (one-hot semantic mask, reference embedding F_r); per sample, the mask, the
+   reference or both are replaced by their NULL versions with probabilities ``p_drop_mask``,
+   ``p_drop_ref``, ``p_drop_both`` (classifier-free guidance training, §IV-B2c);
+3. loss = L_hybrid = L_simple + lambda * L_vlb (eq. 14, :func:`diffusiondci.diffusion.losses.hybrid_loss`).
+
+t, eps and the drop draws come from a dedicated ``torch.Generator`` registered with the
+:class:`~diffusiondci.train.loop.Trainer`, so a resumed run is bit-identical to an uninterrupted one;
+the Trainer does EMA, checkpoints, DDP (``torchrun``) and the NaN guard.
+
+Reference image of a training patch: the patch itself (the paper's encoder "extracts coarse
+features F_1 from a noise-free reference DCI image I"); its embedding comes from the encoder run's
+cache (``embeddings.safetensors``) when that cache was built from this very dataset folder, and is
+computed with the encoder otherwise. Embeddings are fixed during training (the encoder is frozen).
+
+The run folder is self-contained for sampling (:mod:`diffusiondci.diffusion.pipeline`):
+``dsdm.json`` (U-Net config, schedule, guidance-dropout settings, the training data's patch size,
+classes and colour-normalisation record from its ``dataset.json``), ``encoder/`` (a copy of the
+reference encoder) and the Trainer's ``checkpoints/`` (weights + EMA weights), ``log.csv``, ``tb/``.
+
+Ablations (paper Table 1): ``decoder_norm="group"`` (no semantic mask: GroupNorm decoder),
+``use_reference=False`` (no reference image: no MCAA, no encoder needed); both = the unconditional
+baseline U-Net.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from ..data.patch_dataset import PatchDataset, to_uint8_image
+from ..diffusion.guidance import drop_conditions
+from ..diffusion.losses import hybrid_loss, timestep_sampler
+from ..diffusion.schedule import DiffusionSchedule, ScheduleName
+from ..errors import UserInputError
+from ..models.reference_encoder import ReferenceEncoder
+from ..models.unet import DECODER_NORMS, NUM_MASK_CLASSES, DSDMUNet, UNetConfig, paper_config, tiny_config
+from . import distributed as dist_utils
+from .checkpoint import unwrap_model
+from .encoder import ENCODER_DIR, load_embeddings, load_encoder_run
+from .loop import Trainer, _derive_seed
+from .simclr import embed_dataset
+
+__all__ = [
+    "DSDM_FORMAT",
+    "DSDM_META",
+    "DSDMConfig",
+    "ReferencedPatches",
+    "build_unet_config",
+    "dsdm_loss",
+    "null_training_conditions",
+    "train_dsdm",
+    "training_embeddings",
+]
+
+DSDM_META = "dsdm.json"
+DSDM_FORMAT = "diffusiondci.dsdm"
+DSDM_VERSION = 1
+UNET_PRESETS = {"tiny": tiny_config, "paper": paper_config}
+
+
+@dataclass
+class DSDMConfig:
+    """Training settings of the DSDM generator (paper §V-A2: Adam, lr 1e-4, batch 10, 50 000 steps).
+
+    ``unet`` names the network preset (:func:`~diffusiondci.models.unet.tiny_config` /
+    :func:`~diffusiondci.models.unet.paper_config`), ``unet_overrides`` changes any
+    :class:`~diffusiondci.models.unet.UNetConfig` field; ``decoder_norm`` / ``use_reference`` are the
+    ablation switches. ``image_size`` and ``ref_dim`` are always taken from the data and the encoder.
+    """
+
+    unet: str = "tiny"
+    unet_overrides: dict[str, Any] = field(default_factory=dict)
+    decoder_norm: str = "spade"  # "spade" (semantic mask via SPADE) | "group" (no-mask ablation)
+    use_reference: bool = True  # False: no-reference ablation (no MCAA, no encoder)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 10
+    steps: int = 50000
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    lambda_vlb: float = 0.001  # lambda of eq. 14
+    num_timesteps: int = 1000  # T
+    noise_schedule: str = "cosine"  # paper §V-A2
+    p_drop_mask: float = 0.1  # classifier-free guidance dropouts (exclusive cases, see drop_conditions)
+    p_drop_ref: float = 0.1
+    p_drop_both: float = 0.1
+    grad_clip: float | None = None  # not used by the paper / guided-diffusion
+    log_every: int = 50
+    ckpt_every: int = 1000
+    keep_last: int = 0
+    sample_every: int = 0  # 0: no periodic samples
+    sample_steps: int = 25  # DDIM steps of the periodic samples
+    sample_count: int = 4
+    num_workers: int = 0
+    autocast: str | None = None  # None | "bf16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.unet not in UNET_PRESETS:
+            raise UserInputError(f"dsdm.unet must be one of {sorted(UNET_PRESETS)}, got {self.unet!r}")
+        if self.decoder_norm not in DECODER_NORMS:
+            raise UserInputError(f"dsdm.decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}")
+        if not isinstance(self.unet_overrides, dict):
+            raise UserInputError("dsdm.unet_overrides must be a mapping of UNetConfig fields")
+        probs = (self.p_drop_mask, self.p_drop_ref, self.p_drop_both)
+        if any(not 0.0 <= p <= 1.0 for p in probs) or sum(probs) > 1.0 + 1e-9:
+            raise UserInputError(
+                f"guidance dropouts p_drop_mask/p_drop_ref/p_drop_both = {probs} must each lie in [0, 1] "
+                "and sum to at most 1"
+            )
+        for name in ("batch_size", "num_timesteps", "log_every", "ckpt_every", "sample_steps", "sample_count"):
+            if int(getattr(self, name)) < 1:
+                raise UserInputError(f"dsdm.{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.sample_every < 0 or self.lr <= 0:
+            raise UserInputError("dsdm.steps and dsdm.sample_every must be >= 0 and dsdm.lr > 0")
+        try:
+            ScheduleName(self.noise_schedule)
+        except ValueError:
+            raise UserInputError(
+                f"dsdm.noise_schedule must be one of {[s.value for s in ScheduleName]}, got {self.noise_schedule!r}"
+            ) from None
+
+
+def build_unet_config(cfg: DSDMConfig, image_size: int | None = None, ref_dim: int | None = None) -> UNetConfig:
+    """The network configuration of a run: preset, then ``unet_overrides``, then the ablation switches,
+    the data's patch size and the encoder's embedding size."""
+    known = {f.name for f in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(cfg.unet_overrides) - known)
+    if unknown:
+        raise UserInputError(f"dsdm.unet_overrides: unknown UNetConfig keys {unknown}; valid keys: {sorted(known)}")
+    kw: dict[str, Any] = dict(cfg.unet_overrides)
+    kw.update(decoder_norm=cfg.decoder_norm, use_reference=cfg.use_reference)
+    if image_size is not None:
+        kw["image_size"] = int(image_size)
+    if ref_dim is not None:
+        kw["ref_dim"] = int(ref_dim)
+    try:
+        return UNET_PRESETS[cfg.unet](**kw)
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"dsdm network config: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# data: patches + reference embeddings
+# --------------------------------------------------------------------------------------------
+
+
+class ReferencedPatches(Dataset):
+    """Training patches with their reference embedding: items ``image``, ``mask``, ``ref``, ``index``."""
+
+    def __init__(self, base: PatchDataset, refs: torch.Tensor):
+        if refs.shape[0] != len(base):
+            raise ValueError(f"{refs.shape[0]} reference embeddings for {len(base)} patches")
+        self.base = base
+        self.refs = refs.float().contiguous()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[i]
+        return {"image": item["image"], "mask": item["mask"], "ref": self.refs[i], "index": i}
+
+
+def _same_folder(a: str | Path | None, b: str | Path) -> bool:
+    try:
+        return a is not None and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def training_embeddings(
+    dataset: PatchDataset,
+    encoder_run: str | Path,
+    encoder: ReferenceEncoder,
+    device: torch.device | str = "cpu",
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """``(N, D)`` reference embeddings of ``dataset``'s patches, in dataset order.
+
+    The encoder run's cache is used when it was built from the same dataset folder (patch ids
+    alone could collide between datasets); patches it lacks are embedded with ``encoder``.
+    """
+    cache: dict[str, torch.Tensor] = {}
+    enc_cfg_path = Path(encoder_run) / "config.json"
+    try:
+        enc_data = json.loads(enc_cfg_path.read_text()).get("data") if enc_cfg_path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        enc_data = None
+    if _same_folder(enc_data, dataset.root):
+        try:
+            cache = load_embeddings(encoder_run)
+        except UserInputError:
+            cache = {}
+    ids = dataset.ids
+    missing = [i for i, pid in enumerate(ids) if pid not in cache or cache[pid].shape != (encoder.embed_dim,)]
+    computed: dict[int, torch.Tensor] = {}
+    if missing:
+        was = next(encoder.parameters()).device
+        encoder.to(device)
+        emb = embed_dataset(encoder, (dataset[i]["image"] for i in missing), batch_size=batch_size)
+        encoder.to(was)
+        computed = dict(zip(missing, emb))
+    rows = [computed[i] if i in computed else cache[pid] for i, pid in enumerate(ids)]
+    return torch.stack(rows).float() if rows else torch.zeros(0, encoder.embed_dim)
+
+
+# --------------------------------------------------------------------------------------------
+# one training step
+# --------------------------------------------------------------------------------------------
+
+
+def mask_one_hot(mask: torch.Tensor, num_classes: int = NUM_MASK_CLASSES) -> torch.Tensor:
+    """``(N, H, W)`` labels -> ``(N, K, H, W)`` float one-hot (the SPADE input)."""
+    return F.one_hot(mask.long(), num_classes).permute(0, 3, 1, 2).float()
+
+
+def null_training_conditions(model: DSDMUNet, n: int, like_mask: torch.Tensor, like_ref: torch.Tensor) -> dict:
+    """NULL conditions for the dropouts: the model's own (zero mask, learned ``null_ref``, eq. 17);
+    a condition the architecture ignores gets zeros so every ablation shares one code path."""
+    null = unwrap_model(model).null_conditions(n, like_mask.device)
+    mask = null["mask"] if null["mask"] is not None else torch.zeros_like(like_mask)
+    ref = null["ref"] if null["ref"] is not None else torch.zeros_like(like_ref)
+    return {"mask": mask.to(like_mask.dtype), "ref": ref.to(like_ref.dtype)}
+
+
+def dsdm_loss(
+    model: nn.Module,
+    schedule: DiffusionSchedule,
+    x0: torch.Tensor,
+    mask: torch.Tensor,
+    ref: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    lambda_vlb: float = 0.001,
+    p_drop: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """L_hybrid (eq. 14) of ``model`` on one batch, with classifier-free-guidance dropouts ``p_drop``
+    = (mask only, reference only, both) drawn from ``generator``; returns ``loss``, ``mse``, ``vlb``
+    (batch means) and ``kept_mask`` / ``kept_ref`` (fractions of samples that kept the condition)."""
+    n = x0.shape[0]
+    x_t = schedule.q_sample(x0, t, noise)
+    onehot = mask_one_hot(mask, unwrap_model(model).config.num_mask_classes).to(x0.dtype)
+    cond = {"mask": onehot, "ref": ref.to(x0.dtype)}
+    null = null_training_conditions(model, n, onehot, cond["ref"])
+    mixed, keep = drop_conditions(cond, null, *p_drop, generator=generator)
+    out = model(x_t, t, mask=mixed["mask"], ref=mixed["ref"])
+    terms = hybrid_loss(schedule, out, x0, x_t, t, noise, lambda_vlb=lambda_vlb, reduction="mean")
+    terms["kept_mask"] = keep["mask"].float().mean()
+    terms["kept_ref"] = keep["ref"].float().mean()
+    return terms
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
+
+
+def _dataset_record(dataset: PatchDataset, image_size: int) -> dict[str, Any]:
+    meta = dataset.meta
+    return {
+        "path": str(dataset.root.resolve()),
+        "patch_size": image_size,
+        "num_train_patches": len(dataset),
+        "classes": meta.get("classes"),
+        # colour statistics the generator was trained on (references are mapped to them at sampling)
+        "color_norm": meta.get("color_norm"),
+    }
+
+
+def _write_run_files(run_dir: Path, record: dict[str, Any], encoder_run: Path | None) -> None:
+    meta_path = run_dir / DSDM_META
+    text = json.dumps(record, indent=2, sort_keys=True)
+    if meta_path.is_file() and json.loads(meta_path.read_text()) == json.loads(text):
+        pass
+    else:
+        tmp = meta_path.with_name(meta_path.name + ".tmp")
+        tmp.write_text(text + "\n")
+        tmp.replace(meta_path)
+    if encoder_run is not None:
+        shutil.copytree(encoder_run / ENCODER_DIR, run_dir / ENCODER_DIR, dirs_exist_ok=True)
+
+
+def train_dsdm(
+    data: str | Path,
+    run_dir: str | Path,
+    cfg: DSDMConfig,
+    encoder_run: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> Path:
+    """Train DSDM on the ``train`` split of dataset ``data`` into ``run_dir``; returns ``run_dir``.
+
+    ``encoder_run`` (a ``train-encoder`` run folder) is required unless ``cfg.use_reference`` is
+    False. ``resume`` continues the run in ``run_dir`` (same settings; ``steps`` may grow).
+    """
+    data, run_dir = Path(data), Path(run_dir)
+    if cfg.use_reference and encoder_run is None:
+        raise UserInputError("the reference-conditioned DSDM needs --encoder RUN (or pass --no-reference)")
+    dataset = PatchDataset(data, splits=("train",), with_masks=True, labelled_only=True)
+    if len(dataset) == 0:
+        raise UserInputError("the dataset has no labelled training patches", data)
+    image = dataset[0]["image"]
+    if image.shape[-1] != image.shape[-2]:
+        raise UserInputError(f"patches must be square, got {image.shape[-1]}x{image.shape[-2]}", dataset.image_path(0))
+    image_size = int(image.shape[-1])
+
+    info = dist_utils.init_distributed(device)
+    encoder: ReferenceEncoder | None = None
+    enc_path: Path | None = None
+    ref_dim = None
+    if cfg.use_reference:
+        enc_path = Path(encoder_run)  # type: ignore[arg-type]
+        encoder, _ = load_encoder_run(enc_path)
+        ref_dim = encoder.embed_dim
+    unet_cfg = build_unet_config(cfg, image_size=image_size, ref_dim=ref_dim)
+    if encoder is not None:
+        refs = training_embeddings(dataset, enc_path, encoder, info.device)  # type: ignore[arg-type]
+    else:
+        refs = torch.zeros(len(dataset), unet_cfg.ref_dim)
+    train_set = ReferencedPatches(dataset, refs)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and in every resumed run
+    model = DSDMUNet(unet_cfg)
+    schedule = DiffusionSchedule(cfg.num_timesteps, cfg.noise_schedule)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    noise_gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, info.rank, 7))
+    p_drop = (cfg.p_drop_mask, cfg.p_drop_ref, cfg.p_drop_both)
+
+    def step_fn(m: nn.Module, batch: dict, step: int) -> dict:
+        x0 = batch["image"]
+        n = x0.shape[0]
+        t = timestep_sampler(n, schedule.num_timesteps, generator=noise_gen).to(x0.device)
+        noise = torch.randn(x0.shape, generator=noise_gen).to(x0.device)
+        return dsdm_loss(m, schedule, x0, batch["mask"], batch["ref"], t, noise, cfg.lambda_vlb, p_drop, noise_gen)
+
+    sample_fn = _make_sample_fn(train_set, schedule, cfg) if cfg.sample_every else None
+    batch_size = min(cfg.batch_size, len(dataset))
+    trainer = Trainer(
+        run_dir, model, optimizer, train_set, batch_size, step_fn, cfg.steps, seed=cfg.seed,
+        # ``steps`` is left out so that a finished run can be extended with --resume --steps N
+        config={
+            "stage": "dsdm",
+            "data": str(data.resolve()),
+            "encoder": str(enc_path.resolve()) if enc_path is not None else None,
+            "unet_resolved": unet_cfg.to_dict(),
+            **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "num_workers")},
+        },
+        ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, log_every=cfg.log_every,
+        ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, sample_fn=sample_fn,
+        sample_every=cfg.sample_every or None, resume=resume, grad_clip=cfg.grad_clip, device=device,
+        num_workers=cfg.num_workers, autocast=cfg.autocast, progress=progress,
+        generators={"dsdm_noise": noise_gen},
+    )
+    if trainer.is_main:
+        record = {
+            "format": DSDM_FORMAT,
+            "version": DSDM_VERSION,
+            "unet": unet_cfg.to_dict(),
+            "schedule": {"num_timesteps": cfg.num_timesteps, "noise_schedule": cfg.noise_schedule},
+            "training": {
+                "lambda_vlb": cfg.lambda_vlb,
+                "p_drop_mask": cfg.p_drop_mask,
+                "p_drop_ref": cfg.p_drop_ref,
+                "p_drop_both": cfg.p_drop_both,
+                "ema_decay": cfg.ema_decay,
+                "lr": cfg.lr,
+                "batch_size": batch_size,
+                "seed": cfg.seed,
+            },
+            "encoder": {"dir": ENCODER_DIR, "source_run": str(enc_path.resolve())} if enc_path is not None else None,
+            "data": _dataset_record(dataset, image_size),
+        }
+        _write_run_files(run_dir, record, enc_path)
+    dist_utils.barrier()
+    trainer.fit()
+    return run_dir
+
+
+def _make_sample_fn(train_set: ReferencedPatches, schedule: DiffusionSchedule, cfg: DSDMConfig):
+    """Periodic samples (rank 0, EMA weights): a few DDIM steps on the first training masks."""
+
+    def sample_fn(model: nn.Module, step: int, out_dir: Path) -> None:
+        from ..data.imageio import write_png_atomic
+        from ..diffusion.pipeline import colour_mask, generate, make_grid
+
+        k = min(cfg.sample_count, len(train_set))
+        items = [train_set[i] for i in range(k)]
+        masks = torch.stack([it["mask"] for it in items])
+        refs = torch.stack([it["ref"] for it in items])
+        images = generate(model, schedule, masks, refs, sampler="ddim", steps=cfg.sample_steps, guidance=3.0,
+                          seed=cfg.seed, batch_size=k)
+        rows = [
+            [colour_mask(it["mask"].numpy()), to_uint8_image(it["image"]), to_uint8_image(img)]
+            for it, img in zip(items, images)
+        ]
+        write_png_atomic(out_dir / "samples.png", make_grid(rows))
+
+    return sample_fn
