@@ -19,6 +19,8 @@ truncated or unreadable files, mask size mismatches and labels outside {0, 1, 2}
 
 from __future__ import annotations
 
+import abc
+
 import math
 import os
 import threading
@@ -239,7 +241,7 @@ def _pil_decode(path: Path, im, mode: str | None) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-class _Region:
+class _Region(abc.ABC):
     """Shared window logic: windows may extend past the border; outside pixels are ``fill``."""
 
     path: Path
@@ -247,8 +249,9 @@ class _Region:
     width: int
     _channels: int  # 3 for slides, 0 for label images (2-D)
 
+    @abc.abstractmethod
     def _read_inside(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        raise NotImplementedError
+        """Pixels of rows [y0, y1) and columns [x0, x1), all inside the image."""
 
     def read_region(self, x: int, y: int, w: int, h: int, fill: int | Sequence[int] = 0) -> np.ndarray:
         """Return the ``h x w`` window whose top-left corner is ``(x, y)`` (column, row).

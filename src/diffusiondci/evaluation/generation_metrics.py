@@ -18,6 +18,8 @@ Nothing here downloads anything.
 
 from __future__ import annotations
 
+import abc
+
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -224,13 +226,14 @@ def _module_device(module: nn.Module) -> torch.device:
 # --------------------------------------------------------------------------------------------
 
 
-class _BatchedExtractor:
+class _BatchedExtractor(abc.ABC):
     """Shared batching: ``extractor(images)`` and ``extractor.extract(batches)`` -> ``N x D`` float32 CPU."""
 
     batch_size: int = 64
 
-    def _features(self, batch: Any) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _features(self, batch: Any) -> torch.Tensor:
+        """Features of one batch (N x 3 x H x W tensor) as N x D."""
 
     def __call__(self, images: Any) -> torch.Tensor:
         x = _to_nchw_tensor(images)
