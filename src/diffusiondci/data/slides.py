@@ -20,7 +20,6 @@ truncated or unreadable files, mask size mismatches and labels outside {0, 1, 2}
 from __future__ import annotations
 
 import abc
-
 import math
 import os
 import threading

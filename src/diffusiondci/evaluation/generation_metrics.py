@@ -19,7 +19,6 @@ Nothing here downloads anything.
 from __future__ import annotations
 
 import abc
-
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
