@@ -7,9 +7,11 @@ interrupted run never leaves a half-written PNG behind.
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,6 +48,22 @@ def read_mask(
                 path,
             )
         return labels.read_region(0, 0, labels.width, labels.height)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, sort_keys: bool = False) -> Path:
+    """Write ``obj`` as indented JSON atomically (temporary sibling, fsync, :func:`os.replace`)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "x", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=sort_keys, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:

@@ -15,12 +15,11 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 
 from .. import CLASS_NAMES, __version__
 from ..errors import UserInputError
-from .imageio import IMAGE_SUFFIXES, read_mask, read_rgb, write_png_atomic
-from .prepare import DATASET_FORMAT, check_existing_output, write_json_atomic, write_manifest
+from .imageio import IMAGE_SUFFIXES, read_mask, read_rgb, write_json_atomic, write_png_atomic
+from .prepare import DATASET_FORMAT, check_existing_output, class_fractions, write_manifest
 from .splits import assign_splits, read_groups
 
 
@@ -83,15 +82,12 @@ def import_patches(
         else:
             write_png_atomic(staging / "images" / f"{stem}.png", image)
         write_png_atomic(staging / "masks" / f"{stem}.png", mask)
-        fractions = np.bincount(mask.ravel(), minlength=3)[:3] / mask.size
         if groups_csv is not None and stem not in groups:
             raise UserInputError(f"patch '{stem}' has no row in the groups CSV; add it", groups_csv)
         rows.append({
             "id": stem, "slide": stem, "group": groups.get(stem, stem), "split": "", "x": 0, "y": 0,
             "roi_size": image.shape[0], "patch_size": image.shape[0], "tissue_fraction": "",
-            "frac_background": round(float(fractions[0]), 4),
-            "frac_benign": round(float(fractions[1]), 4),
-            "frac_malignant": round(float(fractions[2]), 4),
+            **class_fractions(mask),
             "labelled": 1,
         })
     split_of = assign_splits([r["group"] for r in rows], val_fraction, test_fraction, seed)

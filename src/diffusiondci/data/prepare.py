@@ -32,7 +32,7 @@ from .. import CLASS_NAMES, __version__
 from ..errors import UserInputError
 from . import color
 from .annotations import load_class_map, load_geojson
-from .imageio import IMAGE_SUFFIXES, read_rgb, write_png_atomic
+from .imageio import IMAGE_SUFFIXES, read_rgb, write_json_atomic, write_png_atomic
 from .slides import open_label_image, open_slide
 from .splits import assign_splits, read_groups
 from .tiling import roi_grid
@@ -175,20 +175,25 @@ def _open_staging(out: Path, params_hash: str) -> Path:
     return staging
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    tmp.replace(path)
+def class_fractions(mask: np.ndarray) -> dict[str, float]:
+    """The manifest's ``frac_background``, ``frac_benign``, ``frac_malignant`` of a patch mask."""
+    fractions = np.bincount(mask.ravel(), minlength=3)[:3] / mask.size
+    return {f"frac_{name}": round(float(f), 4) for name, f in zip(CLASS_NAMES, fractions)}
 
 
-def write_manifest(folder: Path, rows: list[dict], split_of_group: dict[str, str]) -> dict[str, int]:
-    """Fill each row's split from its group, write ``manifest.csv``; returns patches per split."""
-    for row in rows:
-        row["split"] = split_of_group[row["group"]]
-    with (folder / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS)
+def write_manifest(folder: Path, rows: list[dict], split_of_group: dict[str, str] | None = None,
+                   columns: tuple[str, ...] = MANIFEST_COLUMNS) -> dict[str, int]:
+    """Write ``manifest.csv`` atomically (rows' splits filled from ``split_of_group`` when given);
+    returns the number of patches per split."""
+    if split_of_group is not None:
+        for row in rows:
+            row["split"] = split_of_group[row["group"]]
+    tmp = folder / "manifest.csv.tmp"
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+    tmp.replace(folder / "manifest.csv")
     return {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
 
 
@@ -291,14 +296,10 @@ def _extract_slide(
                 pid = f"{job.stem}_x{x}_y{y}"
                 write_png_atomic(staging / "images" / f"{pid}.png", preview)
                 write_png_atomic(staging / "masks" / f"{pid}.png", mask)
-                fractions = np.bincount(mask.ravel(), minlength=3)[:3] / mask.size
                 rows.append({
                     "id": pid, "slide": job.stem, "group": job.group, "split": "", "x": x, "y": y,
                     "roi_size": cfg.roi_size, "patch_size": cfg.patch_size,
-                    "tissue_fraction": round(tissue, 4),
-                    "frac_background": round(float(fractions[0]), 4),
-                    "frac_benign": round(float(fractions[1]), 4),
-                    "frac_malignant": round(float(fractions[2]), 4),
+                    "tissue_fraction": round(tissue, 4), **class_fractions(mask),
                     "labelled": 1,
                 })
             if progress is not None:

@@ -27,10 +27,8 @@ baseline (no mask, no reference) the guidance scale is ignored.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,16 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import CLASS_NAMES, __version__
-from ..data.imageio import IMAGE_SUFFIXES, read_mask, read_rgb, write_png_atomic
+from ..data.imageio import IMAGE_SUFFIXES, read_mask, read_rgb, write_json_atomic, write_png_atomic
 from ..data.patch_dataset import PatchDataset, read_dataset_meta, to_tensor_image, to_uint8_image
-from ..data.prepare import DATASET_FORMAT, MANIFEST_COLUMNS
+from ..data.prepare import DATASET_FORMAT, MANIFEST_COLUMNS, class_fractions, write_manifest
 from ..data.preview import colour_mask  # paper Fig. 5 colours
 from ..errors import UserInputError
 from ..models.reference_encoder import ReferenceEncoder, load_encoder
 from ..models.unet import DSDMUNet, UNetConfig
 from ..train.checkpoint import load_weights_safetensors, resolve_checkpoint
 from ..train.dsdm import DSDM_FORMAT, DSDM_META, mask_one_hot
-from ..train.loop import _derive_seed
+from ..train.loop import derive_seed
 from ..train.simclr import embed_dataset
 from .guidance import PAPER_GUIDANCE_SCALE, cfg_model_fn
 from .samplers import DEFAULT_FRACTIONS, ModelFn, ddim_sample, ddpm_sample
@@ -234,7 +232,7 @@ def _generate_batch(
 
 def batch_generator(seed: int, batch_index: int) -> torch.Generator:
     """The CPU generator of batch ``batch_index`` of a run seeded with ``seed``."""
-    return torch.Generator().manual_seed(_derive_seed(int(seed), int(batch_index), 17))
+    return torch.Generator().manual_seed(derive_seed(int(seed), int(batch_index), 17))
 
 
 @torch.no_grad()
@@ -450,7 +448,7 @@ def _pick_references(
     train = PatchDataset(data_path, splits=("train",), with_masks=False, labelled_only=False, cache=False)
     if len(train) == 0:
         raise UserInputError("the training split is empty; pass --references DIR", data_path)
-    rng = np.random.default_rng(_derive_seed(cfg.seed, 23))
+    rng = np.random.default_rng(derive_seed(cfg.seed, 23))
     idx = [int(i) for i in rng.integers(0, len(train), size=len(sources))]
     return ([train.image_path(i) for i in idx], [train.ids[i] for i in idx], "training-random",
             lambda p: _resize_rgb(read_rgb(p), size))
@@ -476,15 +474,7 @@ def _prepare_out(out: Path, params_hash: str) -> None:
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
-        tmp = marker.with_name(marker.name + ".tmp")
-        tmp.write_text(json.dumps({"parameters_hash": params_hash}))
-        os.replace(tmp, marker)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
+        write_json_atomic(marker, {"parameters_hash": params_hash})
 
 
 def sample_to_folder(
@@ -619,23 +609,15 @@ def _write_manifest_and_meta(
     rows = []
     for (s_i, j), sid in zip(jobs, sample_ids):
         src = sources[s_i]
-        fr = np.bincount(src.mask.ravel(), minlength=3)[:3] / src.mask.size
         rows.append({
             "id": sid, "slide": src.row.get("slide", src.id), "group": src.row.get("group", src.id),
             # generated from a dataset's masks: keep the source split; plain mask folders -> train
             "split": src.row.get("split") or "train", "x": 0, "y": 0, "roi_size": size, "patch_size": size,
-            "tissue_fraction": "", "frac_background": round(float(fr[0]), 4),
-            "frac_benign": round(float(fr[1]), 4), "frac_malignant": round(float(fr[2]), 4), "labelled": 1,
+            "tissue_fraction": "", **class_fractions(src.mask), "labelled": 1,
             "source_id": src.id, "sample_index": j, "reference": ref_names[s_i],
         })
-    tmp = out / "manifest.csv.tmp"
-    with tmp.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, out / "manifest.csv")
-    counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
-    _write_json(out / "dataset.json", {  # written last: its presence marks a complete folder
+    counts = write_manifest(out, rows, columns=columns)
+    write_json_atomic(out / "dataset.json", {  # written last: its presence marks a complete folder
         "format": DATASET_FORMAT,
         "diffusiondci_version": __version__,
         "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)},

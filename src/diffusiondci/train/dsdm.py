@@ -51,7 +51,7 @@ from ..models.unet import DECODER_NORMS, NUM_MASK_CLASSES, DSDMUNet, UNetConfig,
 from . import distributed as dist_utils
 from .checkpoint import unwrap_model
 from .encoder import ENCODER_DIR, load_embeddings, load_encoder_run
-from .loop import Trainer, _derive_seed
+from .loop import Trainer, derive_seed
 from .simclr import embed_dataset
 
 __all__ = [
@@ -340,7 +340,7 @@ def train_dsdm(
     model = DSDMUNet(unet_cfg)
     schedule = DiffusionSchedule(cfg.num_timesteps, cfg.noise_schedule)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    noise_gen = torch.Generator().manual_seed(_derive_seed(cfg.seed, info.rank, 7))
+    noise_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, info.rank, 7))
     p_drop = (cfg.p_drop_mask, cfg.p_drop_ref, cfg.p_drop_both)
 
     def step_fn(m: nn.Module, batch: dict, step: int) -> dict:

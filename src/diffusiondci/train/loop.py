@@ -32,7 +32,6 @@ import copy
 import csv
 import json
 import math
-import os
 import random
 import shutil
 import time
@@ -46,6 +45,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from diffusiondci.data.imageio import write_json_atomic
 from diffusiondci.errors import UserInputError
 from diffusiondci.train import checkpoint as ckpt
 from diffusiondci.train import distributed as dist_utils
@@ -69,7 +69,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _derive_seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
     """A 63-bit seed from integers, with independent streams for different tuples."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
@@ -125,7 +125,7 @@ class ResumableSampler(Sampler[int]):
     def epoch_indices(self, epoch: int) -> list[int]:
         """All indices this rank visits in ``epoch``, in order."""
         if self.shuffle:
-            g = torch.Generator().manual_seed(_derive_seed(self.seed, epoch))
+            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
             perm = torch.randperm(self.num_samples, generator=g)
         else:
             perm = torch.arange(self.num_samples)
@@ -234,15 +234,6 @@ def _config_diff(saved: dict[str, Any], new: dict[str, Any], limit: int = 6) -> 
     keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
     parts = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys[:limit]]
     return "; ".join(parts) + (f"; ... ({len(keys)} keys differ)" if len(keys) > limit else "")
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _scalar(v: Any) -> float:
@@ -488,7 +479,7 @@ class Trainer:
                 )
         else:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(cfg_path, self.config)
+            write_json_atomic(cfg_path, self.config, sort_keys=True)
         self.ckpt_root.mkdir(parents=True, exist_ok=True)
         return None
 
@@ -588,7 +579,7 @@ class Trainer:
                 stacklevel=3,
             )
             ckpt.restore_rng_state(rngs[0], self.generators)
-            seed_everything(_derive_seed(self.seed, self.dist.rank, int(ts["step"])))
+            seed_everything(derive_seed(self.seed, self.dist.rank, int(ts["step"])))
         self.step, self.epoch, self.position = int(ts["step"]), int(ts["epoch"]), int(ts["position"])
         if self.position > self.sampler.batches_per_epoch or len(rngs) != self.dist.world_size:
             # the per-rank shard size changed: restart the epoch
@@ -745,7 +736,7 @@ class Trainer:
         try:
             while self.step < self.max_steps:
                 self.sampler.set_epoch(self.epoch, self.position)
-                self._loader_gen.manual_seed(_derive_seed(self.seed, self.epoch, self.dist.rank, 1))
+                self._loader_gen.manual_seed(derive_seed(self.seed, self.epoch, self.dist.rank, 1))
                 for batch in self.loader:
                     metrics = self._train_step(batch)
                     self.step += 1
@@ -803,7 +794,7 @@ class Trainer:
             if writer is not None:
                 writer.close()
             if self.is_main and self.status in ("completed", "diverged"):
-                _write_json_atomic(self.run_dir / "metrics.json", self._summary())
+                write_json_atomic(self.run_dir / "metrics.json", self._summary(), sort_keys=True)
         dist_utils.barrier()
         return self._summary()
 
