@@ -96,13 +96,21 @@ class CrossAttentionAlignment(nn.Module):
         nn.init.zeros_(self.attn.out_proj.weight)
         nn.init.zeros_(self.attn.out_proj.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """``x``: ``(N, C, H, W)``; ``context``: ``(N, L, D)``. Returns a tensor shaped like ``x``."""
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, query_pos: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``x``: ``(N, C, H, W)``; ``context``: ``(N, L, D)``. Returns a tensor shaped like ``x``.
+
+        ``query_pos`` (``(HW, C)``), if given, is added to the normalised queries (positional
+        encoding; the segmentation CAA adds a matching one to its spatial context tokens).
+        """
         if context.ndim != 3 or context.shape[0] != x.shape[0] or context.shape[2] != self.context_dim:
             raise ValueError(
                 f"context must have shape ({x.shape[0]}, L, {self.context_dim}), got {tuple(context.shape)}"
             )
         n, c, h, w = x.shape
         q = self.norm(x).reshape(n, c, h * w).transpose(1, 2)  # (N, HW, C)
+        if query_pos is not None:
+            q = q + query_pos.to(q.dtype)
         out = self.attn(q, context=context.to(x.dtype))
         return x + out.transpose(1, 2).reshape(n, c, h, w)

@@ -45,7 +45,7 @@ SPADE's hidden conv uses LeakyReLU(0.01) (MONAI) instead of ReLU. MONAI's SPADE 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -450,7 +450,9 @@ class DSDMUNet(nn.Module):
         mask: torch.Tensor | None = None,
         ref: torch.Tensor | None = None,
         return_features: Sequence[int] | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        inject: Mapping[int, Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        features_only: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[int, torch.Tensor]] | dict[int, torch.Tensor]:
         """Predict ``(N, out_channels, H, W)``: channels ``[:3]`` = eps, ``[3:]`` = variance interpolation v.
 
         Args:
@@ -459,6 +461,10 @@ class DSDMUNet(nn.Module):
             mask: one-hot ``(N, 3, H, W)`` or labels ``(N, H, W)``; ``None`` = NULL mask (zeros).
             ref: reference embeddings ``(N, ref_dim)``; ``None`` = learned NULL reference.
             return_features: decoder block indices to tap; if given, returns ``(output, {index: feature})``.
+            inject: ``{block index: fn}``; ``fn`` maps the block's output to what the next block gets
+                (the segmentation stage's feature injection, §IV-C2). Taps see the injected output.
+            features_only: with ``return_features``, stop after the deepest tapped block and return
+                only ``{index: feature}`` (frozen feature extraction skips the rest of the decoder).
         """
         cfg = self.config
         if x_t.ndim != 4 or x_t.shape[1] != cfg.in_channels:
@@ -489,10 +495,17 @@ class DSDMUNet(nn.Module):
         hid = self.middle_block(hidden_states=hid, temb=emb, context=None)
 
         features: dict[int, torch.Tensor] = {}
+        last_wanted = max(wanted) if wanted else -1
         for i, block in enumerate(self.decoder_blocks):
             hid = block(hid, skips.pop(), emb, seg, tokens[block.level] if tokens is not None else None)
+            if inject is not None and i in inject:
+                hid = inject[i](hid)
             if i in wanted:
                 features[i] = hid
+                if features_only and i == last_wanted:
+                    return features
+        if features_only:
+            raise ValueError("features_only needs return_features")
         out = self.out(hid)
         if return_features is not None:
             return out, features

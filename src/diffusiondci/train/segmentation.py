@@ -1,0 +1,506 @@
+"""``diffusiondci train-seg``: the segmentation stage (paper §IV-C2, §V-A3, Tables 5-6, Fig. 6).
+
+One optimizer step: a batch of real (and, with ``synthetic_ratio`` > 0, synthetic) labelled
+patches is augmented as in the paper (horizontal flip p = 0.5; brightness / contrast / saturation /
+hue jitter p = 0.8; images in [-1, 1]), the frozen DSDM turns the augmented images into diffusion
+features (NULL mask condition, own reference: :mod:`diffusiondci.segmentation.features`), the
+segmenter predicts 3-class logits and the loss is the pixel cross-entropy. Validation on the
+real ``val`` split (mean Dice, mIoU) every ``val_every`` steps keeps ``checkpoints/best``; at the
+end the best checkpoint is scored on the ``test`` split (``test_metrics.json``).
+
+Variants (config / CLI):
+
+* ``injection``: ``none`` | ``skip`` | ``caa`` (Table 5); ``init``: ``dsdm`` (backbone tensors copied
+  from the DSDM, reported in ``init_report.json``) | ``scratch``. ``injection=none, init=scratch``
+  without a DSDM is the plain U-Net baseline (same backbone, same harness, same budget).
+* ``synthetic``: a folder written by ``diffusiondci sample``; ``synthetic_ratio`` R adds
+  ``round(R x real training images)`` of its pairs (drawn with ``seed``); ``filter_threshold`` keeps
+  only pairs on which a segmenter trained on real data (``filter_model``) reaches that mean Dice
+  against the conditioning mask (the paper's clinicians, automated); kept / dropped counts go to
+  ``synthetic.json``. Validation and test use real images only.
+* ``labelled`` N / ``label_seed``: keep only N labelled real training images (drawn reproducibly
+  from the train split, which is disjoint by patient / slide from val and test) to simulate a small
+  annotation budget. Unlabelled patches never enter the supervised loss (``labelled_only``).
+
+Resumable exactly (:class:`~diffusiondci.train.loop.Trainer`), DDP-ready through ``torchrun``.
+The run folder records the training data's colour-normalisation target and ROI geometry
+(``segmenter.json``), so ``segment`` normalises a new slide exactly as the training data was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+from torch import nn
+from torch.utils.data import ConcatDataset, Dataset, Subset
+
+from .. import __version__
+from ..data.imageio import write_json_atomic
+from ..data.patch_dataset import PatchDataset
+from ..errors import UserInputError
+from ..evaluation.metrics import MetricAccumulator
+from ..models.segmenter import INJECTIONS, Segmenter, init_from_dsdm, segmenter_unet_config
+from ..models.unet import NUM_MASK_CLASSES
+from ..segmentation.features import DiffusionFeatureExtractor
+from ..segmentation.model import SEG_FORMAT, SEG_META, SegmentationModel, build_from_record
+from . import distributed as dist_utils
+from .checkpoint import load_weights_safetensors, resolve_checkpoint
+from .dsdm import UNET_PRESETS
+from .loop import Trainer, derive_seed, steps_per_epoch
+
+__all__ = [
+    "SegConfig",
+    "augment_batch",
+    "choose_labelled",
+    "predict_dataset",
+    "synthetic_subset",
+    "train_seg",
+]
+
+INITS = ("dsdm", "scratch")
+
+
+@dataclass
+class SegConfig:
+    """Settings of ``train-seg`` (section ``seg`` of the presets; paper: Adam 1e-3, batch 12, 200 epochs)."""
+
+    injection: str = "caa"
+    init: str = "dsdm"
+    unet: str = "tiny"
+    blocks: list[int] = field(default_factory=lambda: [1, 2, 3])
+    timesteps: list[int] = field(default_factory=lambda: [100])
+    kv_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 12
+    steps: int | None = 300
+    epochs: int | None = None
+    val_every: int | None = 50
+    hflip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.05
+    synthetic_ratio: float = 0.0
+    filter_threshold: float | None = None
+    labelled: int | None = None
+    label_seed: int = 0
+    feature_seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+    num_workers: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.injection not in INJECTIONS:
+            raise UserInputError(f"seg.injection must be one of {INJECTIONS}, got {self.injection!r}")
+        if self.init not in INITS:
+            raise UserInputError(f"seg.init must be one of {INITS}, got {self.init!r}")
+        if self.unet not in UNET_PRESETS:
+            raise UserInputError(f"seg.unet must be one of {sorted(UNET_PRESETS)}, got {self.unet!r}")
+        self.blocks = [int(b) for b in self.blocks]
+        self.timesteps = [int(t) for t in self.timesteps]
+        if self.injection != "none" and (not self.blocks or not self.timesteps):
+            raise UserInputError("seg.blocks and seg.timesteps must not be empty with feature injection")
+        if self.steps is None and self.epochs is None:
+            raise UserInputError("give seg.steps or seg.epochs")
+        if (self.steps is not None and self.steps < 0) or (self.epochs is not None and self.epochs < 0):
+            raise UserInputError("seg.steps and seg.epochs must be >= 0")
+        if self.synthetic_ratio < 0:
+            raise UserInputError(f"seg.synthetic_ratio must be >= 0, got {self.synthetic_ratio}")
+        if self.labelled is not None and self.labelled < 1:
+            raise UserInputError(f"--labelled must be >= 1, got {self.labelled}")
+        for name in ("hflip_p", "jitter_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserInputError(f"seg.{name} must lie in [0, 1]")
+        for name in ("batch_size", "kv_size", "log_every", "ckpt_every"):
+            if int(getattr(self, name)) < 1:
+                raise UserInputError(f"seg.{name} must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+def choose_labelled(ids: list[str], n: int | None, seed: int) -> list[int]:
+    """Indices of ``n`` images drawn from ``ids`` with ``seed`` (all when ``n`` is None).
+
+    The draw depends only on the sorted ids and the seed, so the same dataset and seed always give
+    the same set, whatever the manifest order.
+    """
+    if n is None:
+        return list(range(len(ids)))
+    if n > len(ids):
+        raise UserInputError(f"--labelled {n} asks for more labelled training images than the {len(ids)} there are")
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    rng = np.random.default_rng(derive_seed(seed, 11))
+    picked = rng.choice(len(order), size=n, replace=False)
+    return sorted(order[int(i)] for i in picked)
+
+
+def synthetic_subset(
+    synthetic: PatchDataset, n_real: int, ratio: float, seed: int, keep: list[int] | None = None
+) -> list[int]:
+    """Indices of ``round(ratio * n_real)`` synthetic pairs (from ``keep`` if filtered), seeded."""
+    pool = list(range(len(synthetic))) if keep is None else list(keep)
+    want = int(round(ratio * n_real))
+    if want > len(pool):
+        raise UserInputError(
+            f"--synthetic-ratio {ratio} needs {want} synthetic pairs ({ratio} x {n_real} real images) but "
+            f"only {len(pool)} are available{' after filtering' if keep is not None else ''}; "
+            "sample more with `diffusiondci sample --num-samples K` or lower the ratio",
+            synthetic.root,
+        )
+    rng = np.random.default_rng(derive_seed(seed, 13))
+    return sorted(int(pool[i]) for i in rng.choice(len(pool), size=want, replace=False))
+
+
+class _Pairs(Dataset):
+    """Image + mask items with a common layout (``image``, ``mask``, ``synthetic``)."""
+
+    def __init__(self, base: Dataset, synthetic: bool):
+        self.base, self.synthetic = base, synthetic
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.base[i]
+        return {"image": item["image"], "mask": item["mask"], "synthetic": self.synthetic}
+
+
+# --------------------------------------------------------------------------------------------
+# augmentation (paper §V-A3)
+# --------------------------------------------------------------------------------------------
+
+
+def augment_batch(
+    images: torch.Tensor, masks: torch.Tensor, cfg: SegConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip (image and mask) with ``hflip_p``; colour jitter (image) with ``jitter_p``.
+
+    Jitter factors are uniform: brightness shift in ``[-b, b]``, contrast and saturation factors in
+    ``[1-c, 1+c]``, hue shift in ``[-h, h]`` turns (kornia does the colour maths). All draws come
+    from ``generator`` (saved with checkpoints, so resumed runs augment identically).
+    """
+    n = images.shape[0]
+    dev = images.device
+    u = torch.rand(n, 6, generator=generator).to(dev)
+    flip = u[:, 0] < cfg.hflip_p
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
+    jitter = u[:, 1] < cfg.jitter_p
+    if bool(jitter.any()):
+        x = (images + 1) / 2
+        y = adjust_brightness(x, (u[:, 2] * 2 - 1) * cfg.brightness)
+        y = adjust_contrast(y, 1 + (u[:, 3] * 2 - 1) * cfg.contrast)
+        y = adjust_saturation(y, 1 + (u[:, 4] * 2 - 1) * cfg.saturation)
+        y = adjust_hue(y, (u[:, 5] * 2 - 1) * cfg.hue * 2 * math.pi)
+        y = y.clamp(0, 1) * 2 - 1
+        images = torch.where(jitter[:, None, None, None], y, images)
+    return images, masks
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+
+def _dsdm_section(dsdm_run: Path, dsdm_model, schedule, info) -> dict[str, Any]:
+    enc = info.encoder
+    return {
+        "source_run": str(dsdm_run.resolve()),
+        "checkpoint": str(info.checkpoint),
+        "step": info.step,
+        "unet": dsdm_model.config.to_dict(),
+        "num_timesteps": schedule.num_timesteps,
+        "noise_schedule": schedule.schedule_name,
+        "encoder": {"embed_dim": enc.embed_dim, "width": enc.width} if enc is not None else None,
+    }
+
+
+def build_model(
+    cfg: SegConfig, image_size: int, dsdm_run: Path | None
+) -> tuple[SegmentationModel, dict[str, Any], dict[str, Any] | None]:
+    """The segmentation model, its architecture record and the DSDM initialisation report."""
+    from ..diffusion.pipeline import load_dsdm
+
+    if dsdm_run is None:
+        if cfg.injection != "none" or cfg.init == "dsdm":
+            raise UserInputError(
+                f"--injection {cfg.injection} --init {cfg.init} needs --dsdm RUN; without a DSDM use "
+                "--injection none --init scratch (the plain U-Net baseline)"
+            )
+        unet_cfg = segmenter_unet_config(UNET_PRESETS[cfg.unet](image_size=image_size), NUM_MASK_CLASSES)
+        torch.manual_seed(cfg.seed)
+        model = SegmentationModel(Segmenter(unet_cfg, "none"), None)
+        record = {"unet": unet_cfg.to_dict(), "injection": "none", "blocks": [], "timesteps": [], "dsdm": None}
+        return model, record, None
+
+    dsdm, schedule, info = load_dsdm(dsdm_run, checkpoint="latest", ema=True, device="cpu")
+    if dsdm.config.image_size != image_size:
+        raise UserInputError(
+            f"the DSDM was trained on {dsdm.config.image_size} px patches, the dataset has {image_size} px", dsdm_run
+        )
+    unet_cfg = segmenter_unet_config(dsdm.config, NUM_MASK_CLASSES)
+    features = None
+    channels: dict[int, int] = {}
+    if cfg.injection != "none":
+        features = DiffusionFeatureExtractor(dsdm, schedule, info.encoder, cfg.blocks, cfg.timesteps, cfg.feature_seed)
+        channels = features.feature_channels()
+    torch.manual_seed(cfg.seed)
+    segmenter = Segmenter(unet_cfg, cfg.injection, channels, cfg.kv_size)
+    report = init_from_dsdm(segmenter, dsdm.state_dict()) if cfg.init == "dsdm" else None
+    record = {
+        "unet": unet_cfg.to_dict(),
+        "injection": cfg.injection,
+        "blocks": features.blocks if features is not None else [],
+        "timesteps": features.timesteps if features is not None else [],
+        "kv_size": cfg.kv_size,
+        "feature_seed": cfg.feature_seed,
+        "dsdm": _dsdm_section(dsdm_run, dsdm, schedule, info) if features is not None else None,
+        "init_from": str(dsdm_run.resolve()) if cfg.init == "dsdm" else None,
+    }
+    return SegmentationModel(segmenter, features), record, report
+
+
+# --------------------------------------------------------------------------------------------
+# prediction / validation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> MetricAccumulator:
+    """Scores of ``model`` on every item of ``dataset`` (``image``, ``mask``)."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    acc = MetricAccumulator(NUM_MASK_CLASSES)
+    n = len(dataset)  # type: ignore[arg-type]
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(n, start + batch_size))]
+        x = torch.stack([it["image"] for it in items]).to(dev)
+        pred = model(x).argmax(1).cpu()
+        acc.update(pred.numpy(), torch.stack([it["mask"] for it in items]).numpy())
+    model.train(was)
+    return acc
+
+
+def _filter_synthetic(
+    synthetic: PatchDataset, filter_model: Path, threshold: float, device: torch.device
+) -> tuple[list[int], list[dict[str, Any]]]:
+    from ..segmentation.run import load_segmenter
+
+    run = load_segmenter(filter_model, device=device)
+    kept: list[int] = []
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(synthetic), 16):
+        idx = list(range(start, min(len(synthetic), start + 16)))
+        items = [synthetic[i] for i in idx]
+        pred = run.predict(torch.stack([it["image"] for it in items]).to(device)).argmax(1).cpu()
+        for i, it, p in zip(idx, items, pred):
+            acc = MetricAccumulator(NUM_MASK_CLASSES)
+            acc.update(p.numpy(), it["mask"].numpy())
+            dice = acc.compute()["mean_dice"]
+            ok = dice is not None and dice >= threshold
+            rows.append({"id": it["id"], "mean_dice": dice, "kept": bool(ok)})
+            if ok:
+                kept.append(i)
+    return kept, rows
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
+
+
+def _data_record(dataset: PatchDataset, image_size: int) -> dict[str, Any]:
+    meta = dataset.meta
+    params = meta.get("parameters") or {}
+    return {
+        "path": str(dataset.root.resolve()),
+        "patch_size": image_size,
+        # slide pixels per patch side: ``segment`` reads windows of this size (None: patches were imported 1:1)
+        "roi_size": params.get("roi_size"),
+        "classes": meta.get("classes"),
+        # the colour target of the training data: ``segment`` maps new slides to it
+        "color_norm": meta.get("color_norm"),
+    }
+
+
+def train_seg(
+    data: str | Path,
+    run_dir: str | Path,
+    cfg: SegConfig,
+    dsdm_run: str | Path | None = None,
+    synthetic: str | Path | None = None,
+    filter_model: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+    evaluate_test: bool = True,
+) -> Path:
+    """Train a segmenter on dataset ``data`` into ``run_dir`` (see the module docstring)."""
+    data, run_dir = Path(data), Path(run_dir)
+    dsdm_path = Path(dsdm_run) if dsdm_run is not None else None
+    real = PatchDataset(data, splits=("train",), with_masks=True, labelled_only=True)
+    if len(real) == 0:
+        raise UserInputError("the dataset has no labelled training patches", data)
+    val = PatchDataset(data, splits=("val",), with_masks=True, labelled_only=True)
+    image = real[0]["image"]
+    image_size = int(image.shape[-1])
+    if image.shape[-1] != image.shape[-2]:
+        raise UserInputError("patches must be square", real.image_path(0))
+
+    chosen = choose_labelled(real.ids, cfg.labelled, cfg.label_seed)
+    real_train: Dataset = Subset(real, chosen) if cfg.labelled is not None else real
+    n_real = len(chosen)
+
+    info = dist_utils.init_distributed(device)
+    synth_record: dict[str, Any] | None = None
+    parts: list[Dataset] = [_Pairs(real_train, synthetic=False)]
+    if cfg.synthetic_ratio > 0:
+        if synthetic is None:
+            raise UserInputError("--synthetic-ratio > 0 needs --synthetic DIR (the output of `diffusiondci sample`)")
+        synth = PatchDataset(synthetic, splits=None, with_masks=True, labelled_only=True)
+        if len(synth) and int(synth[0]["image"].shape[-1]) != image_size:
+            raise UserInputError(f"synthetic patches are not {image_size} px like the real ones", synth.image_path(0))
+        keep, filter_rows = None, None
+        if cfg.filter_threshold is not None:
+            if filter_model is None:
+                raise UserInputError("--filter-threshold needs --filter-model RUN (a segmenter trained on real data)")
+            keep, filter_rows = _filter_synthetic(synth, Path(filter_model), cfg.filter_threshold, info.device)
+        picked = synthetic_subset(synth, n_real, cfg.synthetic_ratio, cfg.seed, keep)
+        parts.append(_Pairs(Subset(synth, picked), synthetic=True))
+        synth_record = {
+            "folder": str(Path(synthetic).resolve()),
+            "available": len(synth),
+            "filter_threshold": cfg.filter_threshold,
+            "filter_model": str(Path(filter_model).resolve()) if filter_model and keep is not None else None,
+            "kept": len(keep) if keep is not None else len(synth),
+            "dropped": len(synth) - len(keep) if keep is not None else 0,
+            "used": len(picked),
+            "ratio": cfg.synthetic_ratio,
+            "real": n_real,
+            "used_ids": [synth.ids[i] for i in picked],
+            "filter": filter_rows,
+        }
+    train_set: Dataset = ConcatDataset(parts) if len(parts) > 1 else parts[0]
+
+    model, record, init_report = build_model(cfg, image_size, dsdm_path)
+    batch_size = min(cfg.batch_size, len(train_set))  # type: ignore[arg-type]
+    per_epoch = steps_per_epoch(len(train_set), batch_size, info.world_size)  # type: ignore[arg-type]
+    total_steps = cfg.steps if cfg.steps is not None else int(cfg.epochs or 0) * max(per_epoch, 1)
+    val_every = cfg.val_every or max(per_epoch, 1)
+    optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    aug_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, info.rank, 17))
+
+    def step_fn(m: nn.Module, batch: dict, step: int) -> dict:
+        x, y = augment_batch(batch["image"], batch["mask"], cfg, aug_gen)
+        logits = m(x)
+        loss = F.cross_entropy(logits, y)
+        return {"loss": loss, "synthetic_fraction": batch["synthetic"].float().mean()}
+
+    def val_fn(m: nn.Module, step: int) -> dict:
+        if len(val) == 0:
+            return {}
+        scores = predict_dataset(m, val).compute()
+        return {"dice": scores["mean_dice"] or 0.0, "miou": scores["mean_iou"] or 0.0}
+
+    config = {
+        "stage": "seg",
+        "data": str(data.resolve()),
+        "dsdm": str(dsdm_path.resolve()) if dsdm_path is not None else None,
+        "synthetic": str(Path(synthetic).resolve()) if synthetic is not None and cfg.synthetic_ratio > 0 else None,
+        "filter_model": str(Path(filter_model).resolve()) if filter_model is not None else None,
+        **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "epochs", "num_workers")},
+    }
+    trainer = Trainer(
+        run_dir, model, optimizer, train_set, batch_size, step_fn, total_steps, seed=cfg.seed, config=config,
+        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, val_fn=val_fn if len(val) else None,
+        val_every=val_every, best_key="dice" if len(val) else None, best_mode="max", val_use_ema=False,
+        resume=resume, device=device, num_workers=cfg.num_workers, progress=progress,
+        generators={"seg_augment": aug_gen},
+    )
+    if trainer.is_main:
+        seg_record = {
+            "format": SEG_FORMAT,
+            "diffusiondci_version": __version__,
+            **record,
+            "num_classes": NUM_MASK_CLASSES,
+            "data": _data_record(real, image_size),
+            "training": {
+                "steps": total_steps, "batch_size": batch_size, "labelled": cfg.labelled,
+                "label_seed": cfg.label_seed, "num_labelled": n_real,
+                "labelled_ids": [real.ids[i] for i in chosen] if cfg.labelled is not None else None,
+                "synthetic_used": synth_record["used"] if synth_record else 0,
+            },
+        }
+        write_json_atomic(run_dir / SEG_META, seg_record, sort_keys=True)
+        if init_report is not None:
+            write_json_atomic(run_dir / "init_report.json", init_report)
+        if synth_record is not None:
+            write_json_atomic(run_dir / "synthetic.json", synth_record)
+    dist_utils.barrier()
+    trainer.fit()
+    if evaluate_test and trainer.is_main:
+        evaluate_run(run_dir, data, split="test", device=trainer.device)
+    dist_utils.barrier()
+    return run_dir
+
+
+def evaluate_run(run_dir: str | Path, data: str | Path, split: str = "test", device=None) -> dict[str, Any] | None:
+    """Score the run's best checkpoint (latest if none) on ``split`` of ``data``; writes ``<split>_metrics.json``."""
+    from ..segmentation.run import load_segmenter
+
+    ds = PatchDataset(data, splits=(split,), with_masks=True, labelled_only=True)
+    if len(ds) == 0:
+        return None
+    run = load_segmenter(run_dir, device=device)
+    scores = predict_dataset(run.model, ds).compute()
+    scores["split"] = split
+    scores["checkpoint"] = str(run.checkpoint)
+    write_json_atomic(Path(run_dir) / f"{split}_metrics.json", scores)
+    return scores
+
+
+def load_record(run_dir: str | Path) -> dict[str, Any]:
+    """``segmenter.json`` of a ``train-seg`` run, checked."""
+    path = Path(run_dir) / SEG_META
+    if not path.is_file():
+        raise UserInputError(f"not a segmentation run (no {SEG_META}); train one with `diffusiondci train-seg`", run_dir)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"unreadable ({exc})", path) from exc
+    if not isinstance(record, dict) or record.get("format") != SEG_FORMAT:
+        raise UserInputError(f"not a segmenter record (format should be {SEG_FORMAT!r})", path)
+    return record
+
+
+def load_model_weights(run_dir: str | Path, checkpoint: str = "best") -> tuple[SegmentationModel, dict, Path]:
+    """Rebuild the network from ``segmenter.json`` and load a checkpoint (``best``, else ``latest``)."""
+    run_dir = Path(run_dir)
+    record = load_record(run_dir)
+    model = build_from_record(record)
+    resolved = None
+    for name in ([checkpoint, "latest"] if checkpoint == "best" else [checkpoint]):
+        folder = run_dir / "checkpoints" / name
+        resolved = resolve_checkpoint(folder) if folder.exists() else None
+        if resolved is not None:
+            break
+    if resolved is None:
+        raise UserInputError("no complete checkpoint in this run yet; train (or resume) it first", run_dir)
+    load_weights_safetensors(model, resolved, strict=True)
+    return model.eval(), record, resolved
