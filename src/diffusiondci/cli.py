@@ -77,6 +77,8 @@ def prepare(
     test_fraction: Annotated[Optional[float], typer.Option(help="Fraction of groups for testing.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split.")] = None,
     max_pixels: Annotated[Optional[int], typer.Option(help="Refuse images with more pixels (decompression bombs).")] = None,
+    unlabelled: Annotated[Optional[Path], typer.Option("--unlabelled", help="Folder of slides without annotation: cut and normalised like the others, no masks (manifest labelled=0).")] = None,
+    allow_unlabelled: Annotated[bool, typer.Option("--allow-unlabelled", help="Use slides without an annotation as unlabelled instead of stopping.")] = False,
 ) -> None:
     """Cut colour-normalised ROI patches and masks from whole slides into a dataset folder."""
     from .data.prepare import PrepareConfig, prepare_dataset
@@ -88,7 +90,8 @@ def prepare(
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, max_pixels=max_pixels,
     )
     prepare_dataset(input_dir, out, cfg, masks_dir=masks, groups_csv=groups, class_map_file=class_map,
-                    log=typer.echo, progress_factory=_progress_factory)
+                    log=typer.echo, progress_factory=_progress_factory, unlabelled_dir=unlabelled,
+                    allow_unlabelled=allow_unlabelled)
 
 
 @app.command("import-patches")
@@ -99,12 +102,13 @@ def import_patches_cmd(
     val_fraction: Annotated[float, typer.Option(help="Fraction of groups for validation.")] = 0.2,
     test_fraction: Annotated[float, typer.Option(help="Fraction of groups for testing.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    allow_unlabelled: Annotated[bool, typer.Option("--allow-unlabelled", help="Import images without a mask file as unlabelled (manifest labelled=0).")] = False,
 ) -> None:
     """Validate already-cut patches and import them into the dataset layout (no resampling)."""
     from .data.import_patches import import_patches
 
     import_patches(source, out, groups_csv=groups, val_fraction=val_fraction,
-                   test_fraction=test_fraction, seed=seed, log=typer.echo)
+                   test_fraction=test_fraction, seed=seed, log=typer.echo, allow_unlabelled=allow_unlabelled)
 
 
 @app.command("train-encoder")
@@ -116,11 +120,13 @@ def train_encoder_cmd(
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    no_unlabelled: Annotated[bool, typer.Option("--no-unlabelled", help="Train on labelled patches only (default: unlabelled ones too).")] = False,
 ) -> None:
     """Train the ResNet-18 reference encoder with SimCLR and cache patch embeddings."""
     from .train.encoder import EncoderConfig, train_encoder
 
-    cfg = build(EncoderConfig, load_section(preset, "encoder"), steps=steps, batch_size=batch_size, seed=seed)
+    cfg = build(EncoderConfig, load_section(preset, "encoder"), steps=steps, batch_size=batch_size, seed=seed,
+                use_unlabelled=False if no_unlabelled else None)
     run = train_encoder(data, out, cfg, resume=resume)
     typer.echo(f"encoder run: {run} (encoder/, embeddings.safetensors, log.csv)")
 
@@ -141,6 +147,7 @@ def train_dsdm_cmd(
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+    no_unlabelled: Annotated[bool, typer.Option("--no-unlabelled", help="Train on labelled patches only (default: unlabelled ones too, with the NULL mask).")] = False,
 ) -> None:
     """Train the DSDM generator (semantic mask + reference image guidance, hybrid loss)."""
     from .train.dsdm import DSDMConfig, train_dsdm
@@ -150,9 +157,63 @@ def train_dsdm_cmd(
         steps=steps, batch_size=batch_size, lr=lr, sample_every=sample_every, seed=seed,
         decoder_norm="group" if no_mask else None, use_reference=False if no_reference else None,
         p_drop_mask=guidance_drop, p_drop_ref=guidance_drop, p_drop_both=guidance_drop,
+        use_unlabelled=False if no_unlabelled else None,
     )
     run = train_dsdm(data, out, cfg, encoder_run=encoder, resume=resume, device=device)
     typer.echo(f"DSDM run: {run} (dsdm.json, checkpoints/, log.csv)")
+
+
+def _ints(text: Optional[str]) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise UserInputError(f"expected comma-separated integers, got {text!r}") from None
+
+
+@app.command("train-seg")
+def train_seg_cmd(
+    data: Annotated[Path, typer.Argument(help="Patch dataset folder (real images; val/test splits are used for scoring).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")],
+    dsdm: Annotated[Optional[Path], typer.Option("--dsdm", help="train-dsdm run: frozen feature source and initial weights.")] = None,
+    injection: Annotated[Optional[str], typer.Option(help="DSDM feature injection: none | skip | caa (Table 5).")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Backbone initialisation: dsdm | scratch.")] = None,
+    preset: PresetOpt = "paper",
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides the preset's steps/epochs).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size per process (paper 12).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate (paper 1e-3).")] = None,
+    blocks: Annotated[Optional[str], typer.Option(help="DSDM decoder blocks to inject, comma-separated (paper 6,7,8,9,10).")] = None,
+    timesteps: Annotated[Optional[str], typer.Option(help="DSDM timesteps of the features, comma-separated, 0-based.")] = None,
+    synthetic: Annotated[Optional[Path], typer.Option(help="Folder written by `diffusiondci sample` (synthetic pairs).")] = None,
+    synthetic_ratio: Annotated[Optional[float], typer.Option(help="Synthetic pairs added = ratio x real training images (Fig. 6).")] = None,
+    filter_model: Annotated[Optional[Path], typer.Option(help="Segmenter run trained on real data, used to filter synthetic pairs.")] = None,
+    filter_threshold: Annotated[Optional[float], typer.Option(help="Keep synthetic pairs whose mean Dice under --filter-model is at least this.")] = None,
+    labelled: Annotated[Optional[int], typer.Option(help="Keep only N labelled training images (annotation budget).")] = None,
+    label_seed: Annotated[Optional[int], typer.Option(help="Seed of the --labelled draw.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
+) -> None:
+    """Train the segmenter (DSDM backbone + CAA-injected diffusion features), or the plain U-Net baseline."""
+    from .train.segmentation import SegConfig, train_seg
+
+    overrides = dict(
+        injection=injection, init=init, batch_size=batch_size, lr=lr, blocks=_ints(blocks),
+        timesteps=_ints(timesteps), synthetic_ratio=synthetic_ratio, filter_threshold=filter_threshold,
+        labelled=labelled, label_seed=label_seed, seed=seed,
+    )
+    if steps is not None:
+        overrides["steps"] = steps
+    values = load_section(preset, "seg")
+    if steps is not None:
+        values["epochs"] = None
+    if synthetic is not None and synthetic_ratio is None and not values.get("synthetic_ratio"):
+        raise UserInputError("--synthetic given without --synthetic-ratio; say how many synthetic pairs to add")
+    cfg = build(SegConfig, values, **overrides)
+    run = train_seg(data, out, cfg, dsdm_run=dsdm, synthetic=synthetic, filter_model=filter_model,
+                    resume=resume, device=device)
+    typer.echo(f"segmentation run: {run} (segmenter.json, checkpoints/best, test_metrics.json)")
 
 
 @app.command()
@@ -186,6 +247,36 @@ def sample(
 
 
 @app.command()
+def probe(
+    data: Annotated[Path, typer.Argument(help="Labelled patch dataset (train split: classifiers; val split: scoring).")],
+    dsdm: Annotated[Path, typer.Option("--dsdm", help="train-dsdm run folder (the frozen feature source).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for probe.csv, probe_heatmap.png, probe.json.")],
+    preset: PresetOpt = "paper",
+    blocks: Annotated[Optional[str], typer.Option(help="Decoder blocks, comma-separated (default: all).")] = None,
+    timesteps: Annotated[Optional[str], typer.Option(help="0-based timesteps, comma-separated (default: every 100th in [100, T]).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Adam steps per pixel classifier.")] = None,
+    train_images: Annotated[Optional[int], typer.Option(help="Labelled train images the classifiers learn from.")] = None,
+    val_images: Annotated[Optional[int], typer.Option(help="Val images they are scored on.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (subsets, pixels, classifiers, feature noise).")] = None,
+    checkpoint: Annotated[str, typer.Option(help="latest | best | step_N | a checkpoint folder.")] = "latest",
+    device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
+) -> None:
+    """Probe DSDM features per decoder block x timestep with pixel classifiers (paper Fig. 3); resumable."""
+    from .evaluation.probe import ProbeConfig, run_probe
+
+    cfg = build(ProbeConfig, load_section(preset, "probe"), blocks=_ints(blocks), timesteps=_ints(timesteps),
+                steps=steps, train_images=train_images, val_images=val_images, seed=seed)
+    result = run_probe(data, dsdm, out, cfg, checkpoint=checkpoint, device=device, log=typer.echo)
+    best = result["best"]
+    typer.echo(f"best: block {best['block']}, timestep {best['timestep']}: mIoU {best['miou']:.4f}, "
+               f"mean Dice {best['dice']:.4f}")
+    typer.echo("top blocks: " + ", ".join(f"{m['block']} ({m['mean_miou']:.4f})" for m in result["top_blocks"]))
+    typer.echo("top timesteps: " + ", ".join(f"{m['timestep']} ({m['mean_miou']:.4f})" for m in result["top_timesteps"]))
+    typer.echo("suggested config:\n" + result["suggested_yaml"].rstrip())
+    typer.echo(f"probe: {out} (probe.csv, probe_heatmap.png, probe.json)")
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("demo_output"),
     seed: Annotated[int, typer.Option(help="Seed of the generated sample.")] = 0,
@@ -211,6 +302,100 @@ def demo(
     typer.echo(f"  patch dataset:     {dataset} (images/, masks/, manifest.csv, dataset.json)")
     typer.echo(f"  colour-norm views: {dataset / 'thumbnails'}")
     typer.echo(f"  overview picture:  {overview}")
+
+
+@app.command()
+def report(
+    folder: Annotated[Path, typer.Argument(help="Run or experiment folder to summarise.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="HTML file to write (default: FOLDER/report.html).")] = None,
+    title: Annotated[Optional[str], typer.Option("--title", help="Title of the report.")] = None,
+) -> None:
+    """Write one self-contained HTML report (tables, curves, embedded figures) of a run or experiment folder."""
+    from .evaluation.report import render_report
+
+    typer.echo(str(render_report(folder, out=out, title=title)))
+
+
+@app.command()
+def segment(
+    inputs: Annotated[list[Path], typer.Argument(help="Slide images (TIFF, PNG, JPEG) or folders of them.")],
+    model: Annotated[Path, typer.Option("--model", help="Segmentation run folder (from train-seg).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: <stem>_labels.png, _overlay.png, .geojson, _areas.json.")],
+    window: Annotated[Optional[int], typer.Option(help="Sliding-window side in model pixels (default: the run's patch size).")] = None,
+    overlap: Annotated[float, typer.Option(help="Fraction of a window shared with its neighbours, in [0, 1).")] = 0.25,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 8,
+    no_color_norm: Annotated[bool, typer.Option("--no-color-norm", help="Skip the colour normalisation of the run's training data.")] = False,
+    label_downsample: Annotated[int, typer.Option(help="Write <stem>_labels.png at 1/K of the slide size.")] = 1,
+    checkpoint: Annotated[str, typer.Option(help="best | latest | step_N.")] = "best",
+    device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Refuse images with more pixels (decompression bombs).")] = None,
+) -> None:
+    """Segment whole slides with a trained segmenter (sliding window, colour-normalised like its training data)."""
+    from .data.slides import DEFAULT_MAX_PIXELS
+    from .inference.slide import find_images, segment_paths
+    from .segmentation.run import load_segmenter
+
+    find_images(inputs)  # fail on a bad input before loading the model
+    run = load_segmenter(model, checkpoint=checkpoint, device=device)
+    segment_paths(run, inputs, out, log=typer.echo, window=window, overlap=overlap, batch_size=batch_size,
+                  color_norm=not no_color_norm, label_downsample=label_downsample,
+                  max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    typer.echo(f"segmentations: {out}")
+
+
+@app.command("evaluate-seg")
+def evaluate_seg_cmd(
+    pred: Annotated[Path, typer.Option("--pred", help="Folder of predictions: <stem>_labels.png (as `segment` writes) or <stem>.png.")],
+    truth: Annotated[Path, typer.Option("--truth", help="Folder of ground truths: <stem>_mask.png or <stem>.png.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write metrics.json, per_image.csv, confusion.png, cases.png here.")] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", help="Folder of the images (<stem>.png|tif|jpg), shown in cases.png.")] = None,
+    cases: Annotated[int, typer.Option("--cases", help="Worst and best images shown in cases.png (0: none).")] = 4,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail when a prediction or ground truth has no partner (default: warn and skip it).")] = False,
+) -> None:
+    """Score predicted label images against ground-truth masks (Dice, IoU, precision, recall, accuracy)."""
+    from .evaluation.seg_eval import evaluate_folder
+
+    evaluate_folder(pred, truth, out_dir=out, images_dir=images, n_cases=cases, strict=strict, log=typer.echo)
+
+
+@app.command()
+def experiment(
+    name: Annotated[str, typer.Argument(help="table1 | table2 | fig3 | table5 | fig6 | table6 | label-budget")],
+    data: Annotated[Path, typer.Option("--data", help="Dataset folder made by prepare (patient/slide splits).")],
+    out: Annotated[Path, typer.Option("--out", help="Experiment folder (rerun to resume).")],
+    preset: PresetOpt = "tiny",
+    seeds: Annotated[Optional[str], typer.Option(help="Comma-separated seeds (default: the preset's, 0,1,2).")] = None,
+    seg_steps: Annotated[Optional[int], typer.Option(help="Segmenter training steps per run.")] = None,
+    dsdm_steps: Annotated[Optional[int], typer.Option(help="DSDM training steps per generator.")] = None,
+    encoder_steps: Annotated[Optional[int], typer.Option(help="Reference-encoder training steps.")] = None,
+    sample_steps: Annotated[Optional[int], typer.Option(help="DDIM steps of generated images.")] = None,
+    ratios: Annotated[Optional[str], typer.Option(help="fig6: synthetic ratios, comma-separated (e.g. 0,0.5,1).")] = None,
+    budgets: Annotated[Optional[str], typer.Option(help="label-budget: N labelled images, comma-separated; 0 = all.")] = None,
+    n_eval: Annotated[Optional[int], typer.Option(help="table1/table2: test masks to condition on.")] = None,
+    assets: Annotated[Optional[Path], typer.Option(help="Folder for shared models (encoder, DSDM, synthetic pairs).")] = None,
+    dsdm: Annotated[Optional[Path], typer.Option(help="Reuse this DSDM run instead of training one.")] = None,
+    encoder: Annotated[Optional[Path], typer.Option(help="Reuse this encoder run instead of training one.")] = None,
+    inception: Annotated[Optional[Path], typer.Option(help="TorchScript Inception weights for FID (never downloaded).")] = None,
+) -> None:
+    """Rebuild one of the paper's tables or figures, from data to plot, over several seeds."""
+    from .evaluation.experiments import ExperimentConfig, run_experiment
+
+    def floats(text: Optional[str]) -> Optional[list[float]]:
+        if text is None:
+            return None
+        try:
+            return [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise UserInputError(f"expected comma-separated numbers, got {text!r}") from None
+
+    cfg = build(
+        ExperimentConfig, load_section(preset, "experiment"), seeds=_ints(seeds), seg_steps=seg_steps,
+        dsdm_steps=dsdm_steps, encoder_steps=encoder_steps, sample_steps=sample_steps, ratios=floats(ratios),
+        budgets=_ints(budgets), n_eval=n_eval, inception=str(inception) if inception else None,
+    )
+    folder = run_experiment(name, data, out, preset, cfg, assets=assets, dsdm=dsdm, encoder=encoder, log=typer.echo)
+    typer.echo(f"experiment folder: {folder} (results.csv, summary.csv, plots); "
+               f"`diffusiondci report {folder}` makes the HTML report")
 
 
 def main() -> None:

@@ -5,6 +5,9 @@ tool's export. Every pair is validated (readable RGB image, mask of the same siz
 {0, 1, 2}, one patch size for all); nothing is resampled. PNG images are copied byte for byte, other
 formats are re-encoded losslessly as PNG. Patches form one group each unless ``--groups`` maps
 patch ids to groups (patients), so splits never put one group on both sides.
+
+With ``--allow-unlabelled`` an image without a mask file (or every image, when ``masks/`` is absent)
+is imported as unlabelled: manifest ``labelled`` = 0, empty class fractions, no mask written.
 """
 
 from __future__ import annotations
@@ -38,11 +41,13 @@ def import_patches(
     test_fraction: float = 0.2,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    allow_unlabelled: bool = False,
 ) -> Path:
+    """Import ``source/images`` (+ ``source/masks``) into the dataset folder ``out``; returns ``out``."""
     source, out = Path(source), Path(out)
     images_dir, masks_dir = source / "images", source / "masks"
-    if not images_dir.is_dir() or not masks_dir.is_dir():
-        raise UserInputError("expected sub-folders images/ and masks/", source)
+    if not images_dir.is_dir() or not (masks_dir.is_dir() or allow_unlabelled):
+        raise UserInputError("expected sub-folders images/ and masks/ (or pass --allow-unlabelled)", source)
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise UserInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found", images_dir)
@@ -52,6 +57,9 @@ def import_patches(
     for p in images:
         digest.update(f"{p.name}:{p.stat().st_size};".encode())
     digest.update(json.dumps([groups, val_fraction, test_fraction, seed], sort_keys=True).encode())
+    mask_of = {p.stem: _find_mask(masks_dir, p.stem) if masks_dir.is_dir() else None for p in images}
+    if allow_unlabelled:  # which images are labelled changes the dataset
+        digest.update(json.dumps(sorted(k for k, v in mask_of.items() if v is None)).encode())
     params_hash = digest.hexdigest()[:16]
     if check_existing_output(out, params_hash):
         log(f"{out} already holds this import; nothing to do")
@@ -65,9 +73,11 @@ def import_patches(
     rows, size = [], None
     for image_path in images:
         stem = image_path.stem
-        mask_path = _find_mask(masks_dir, stem)
-        if mask_path is None:
-            raise UserInputError(f"no mask for this image (expected masks/{stem}.png)", image_path)
+        mask_path = mask_of[stem]
+        if mask_path is None and not allow_unlabelled:
+            raise UserInputError(
+                f"no mask for this image (expected masks/{stem}.png; or pass --allow-unlabelled)", image_path
+            )
         image = read_rgb(image_path)
         if size is None:
             size = image.shape[:2]
@@ -76,19 +86,20 @@ def import_patches(
                 f"patch size {image.shape[1]}x{image.shape[0]} differs from the first patch's "
                 f"{size[1]}x{size[0]}; all patches must have one size", image_path
             )
-        mask = read_mask(mask_path, expected_hw=image.shape[:2])
+        mask = read_mask(mask_path, expected_hw=image.shape[:2]) if mask_path is not None else None
         if image_path.suffix.lower() == ".png":
             shutil.copyfile(image_path, staging / "images" / f"{stem}.png")
         else:
             write_png_atomic(staging / "images" / f"{stem}.png", image)
-        write_png_atomic(staging / "masks" / f"{stem}.png", mask)
+        if mask is not None:
+            write_png_atomic(staging / "masks" / f"{stem}.png", mask)
         if groups_csv is not None and stem not in groups:
             raise UserInputError(f"patch '{stem}' has no row in the groups CSV; add it", groups_csv)
         rows.append({
             "id": stem, "slide": stem, "group": groups.get(stem, stem), "split": "", "x": 0, "y": 0,
             "roi_size": image.shape[0], "patch_size": image.shape[0], "tissue_fraction": "",
             **class_fractions(mask),
-            "labelled": 1,
+            "labelled": int(mask is not None),
         })
     split_of = assign_splits([r["group"] for r in rows], val_fraction, test_fraction, seed)
     counts = write_manifest(staging, rows, split_of)
@@ -97,8 +108,9 @@ def import_patches(
         "diffusiondci_version": __version__,
         "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)},
         "num_patches": len(rows),
+        "num_unlabelled": sum(not r["labelled"] for r in rows),
         "splits": counts,
-        "parameters": {"imported": True, "val_fraction": val_fraction,
+        "parameters": {"imported": True, "allow_unlabelled": allow_unlabelled, "val_fraction": val_fraction,
                        "test_fraction": test_fraction, "seed": seed},
         "parameters_hash": params_hash,
         "source": {"input": str(source.resolve()),
@@ -108,6 +120,7 @@ def import_patches(
     if out.exists():
         out.rmdir()
     staging.replace(out)
+    unlabelled = sum(not r["labelled"] for r in rows)
     log(f"imported {len(rows)} patches to {out} (train {counts['train']}, val {counts['val']}, "
-        f"test {counts['test']})")
+        f"test {counts['test']}{f'; {unlabelled} unlabelled' if unlabelled else ''})")
     return out

@@ -1,8 +1,12 @@
 """Reading a patch dataset (made by ``prepare`` or ``import-patches``) for training.
 
 Items are dicts: ``image`` float32 ``3 x H x W`` in [-1, 1], ``mask`` int64 ``H x W`` (labels 0/1/2),
-``index`` (position in this dataset) and ``id``. Patches are validated when first read (RGB, size,
-labels) and, for small datasets, kept in memory after the first epoch.
+``labelled`` (bool), ``index`` (position in this dataset) and ``id``. Patches are validated when first
+read (RGB, size, labels) and, for small datasets, kept in memory after the first epoch.
+
+Unlabelled patches (manifest ``labelled`` = 0, label-efficient mode) have no mask file: they are left
+out by default (``labelled_only=True``, what supervised consumers need); when they are kept, their
+``mask`` is all zeros and is never read from disk, and ``labelled`` says to ignore it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ def read_manifest(root: str | Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def row_is_labelled(row: dict[str, str]) -> bool:
+    """Whether a manifest row has a mask (older manifests without the column are all labelled)."""
+    return str(row.get("labelled", "1")).strip() not in ("0", "false", "False")
+
+
 def to_tensor_image(rgb: np.ndarray) -> torch.Tensor:
     """uint8 ``H x W x 3`` -> float32 ``3 x H x W`` in [-1, 1]."""
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div(127.5).sub(1.0)
@@ -54,8 +63,9 @@ def to_uint8_image(x: torch.Tensor) -> np.ndarray:
 class PatchDataset(Dataset):
     """Patches of the given split(s) of a dataset folder, in manifest order.
 
-    ``labelled_only`` drops rows whose manifest marks them unlabelled (``labelled`` = 0); with
-    ``with_masks=False`` items carry no mask (e.g. for the SimCLR encoder, which needs none).
+    ``labelled_only`` drops rows whose manifest marks them unlabelled (``labelled`` = 0); otherwise
+    their items carry ``labelled=False`` and (with ``with_masks``) a zero mask that is never read
+    from disk. With ``with_masks=False`` items carry no mask (e.g. for the SimCLR encoder).
     """
 
     def __init__(
@@ -77,8 +87,9 @@ class PatchDataset(Dataset):
         if splits is not None:
             rows = [r for r in rows if r["split"] in splits]
         if labelled_only:
-            rows = [r for r in rows if r.get("labelled", "1") not in ("0", "false", "False")]
+            rows = [r for r in rows if row_is_labelled(r)]
         self.rows = rows
+        self._labelled = [row_is_labelled(r) for r in rows]
         self.with_masks = with_masks
         self._cache: dict[int, dict] | None = {} if cache else None
 
@@ -89,20 +100,36 @@ class PatchDataset(Dataset):
     def ids(self) -> list[str]:
         return [r["id"] for r in self.rows]
 
+    @property
+    def labelled(self) -> list[bool]:
+        """Per item: True when the patch has a mask (manifest ``labelled`` = 1)."""
+        return list(self._labelled)
+
+    @property
+    def num_labelled(self) -> int:
+        return sum(self._labelled)
+
     def image_path(self, i: int) -> Path:
         return self.root / "images" / f"{self.rows[i]['id']}.png"
 
-    def mask_path(self, i: int) -> Path:
+    def mask_path(self, i: int) -> Path | None:
+        """The mask file of item ``i``; None for an unlabelled patch (it has none)."""
+        if not self._labelled[i]:
+            return None
         return self.root / "masks" / f"{self.rows[i]['id']}.png"
 
     def __getitem__(self, i: int) -> dict:
         if self._cache is not None and i in self._cache:
             return self._cache[i]
         rgb = read_rgb(self.image_path(i))
-        item = {"image": to_tensor_image(rgb), "index": i, "id": self.rows[i]["id"]}
+        labelled = self._labelled[i]
+        item = {"image": to_tensor_image(rgb), "index": i, "id": self.rows[i]["id"], "labelled": labelled}
         if self.with_masks:
-            mask = read_mask(self.mask_path(i), expected_hw=rgb.shape[:2])
-            item["mask"] = torch.from_numpy(mask.astype(np.int64))
+            if labelled:
+                mask = read_mask(self.mask_path(i), expected_hw=rgb.shape[:2])
+                item["mask"] = torch.from_numpy(mask.astype(np.int64))
+            else:  # no mask file exists (and a stray one is not trusted): a placeholder, flagged
+                item["mask"] = torch.zeros(rgb.shape[:2], dtype=torch.int64)
         if self._cache is not None:
             self._cache[i] = item
         return item

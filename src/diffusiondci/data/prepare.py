@@ -3,6 +3,8 @@
 Pipeline (paper §IV-B1 and §V-A1), one slide at a time, memory bounded by one ROI:
 
 1. find slides and their annotation (``<stem>_mask.png|tif`` label image or ``<stem>.geojson``);
+   unlabelled slides (``--unlabelled DIR``, or slides without annotation with ``--allow-unlabelled``)
+   go through every step too, but get no mask: manifest ``labelled`` = 0, no ``masks/<id>.png``;
 2. colour statistics of every acquisition tile (tissue pixels only, read tile by tile);
 3. the normalisation target: each slide's average (``slide``) or the dataset's (``dataset``);
 4. sliding-window ROIs -> colour-normalised -> resized patch + nearest-neighbour mask;
@@ -75,9 +77,13 @@ class PrepareConfig:
 class SlideJob:
     path: Path
     stem: str
-    annotation_kind: str  # "mask" | "geojson"
-    annotation_path: Path
+    annotation_kind: str  # "mask" | "geojson" | "none" (unlabelled slide)
+    annotation_path: Path | None
     group: str
+
+    @property
+    def labelled(self) -> bool:
+        return self.annotation_kind != "none"
 
 
 # --------------------------------------------------------------------------- discovery
@@ -109,23 +115,47 @@ def find_annotation(slide: Path, masks_dir: Path | None) -> tuple[str, Path] | N
     return None
 
 
-def plan_jobs(input_dir: Path, masks_dir: Path | None, groups_csv: Path | None) -> list[SlideJob]:
+def plan_jobs(
+    input_dir: Path,
+    masks_dir: Path | None,
+    groups_csv: Path | None,
+    unlabelled_dir: Path | None = None,
+    allow_unlabelled: bool = False,
+) -> list[SlideJob]:
+    """One job per slide: those of ``input_dir`` with their annotation (without one: an error, or an
+    unlabelled job with ``allow_unlabelled``), then every slide of ``unlabelled_dir`` as unlabelled.
+    Unlabelled slides need a groups-CSV row like any other when a CSV is given (their patient's
+    split must be known so that a test patient's images never reach training)."""
     groups = read_groups(groups_csv) if groups_csv is not None else {}
     jobs, missing = [], []
+
+    def add(slide: Path, kind: str, annotation: Path | None) -> None:
+        if groups_csv is not None and slide.stem not in groups:
+            raise UserInputError(f"slide '{slide.stem}' has no row in the groups CSV; add it", groups_csv)
+        if any(j.stem == slide.stem for j in jobs):
+            raise UserInputError(
+                f"two slides named '{slide.stem}' (patch ids would collide); rename one", slide
+            )
+        jobs.append(SlideJob(slide, slide.stem, kind, annotation, groups.get(slide.stem, slide.stem)))
+
     for slide in find_slides(input_dir):
         found = find_annotation(slide, masks_dir)
         if found is None:
-            missing.append(slide.name)
+            if allow_unlabelled:
+                add(slide, "none", None)
+            else:
+                missing.append(slide.name)
             continue
-        if groups_csv is not None and slide.stem not in groups:
-            raise UserInputError(f"slide '{slide.stem}' has no row in the groups CSV; add it", groups_csv)
-        jobs.append(SlideJob(slide, slide.stem, found[0], found[1], groups.get(slide.stem, slide.stem)))
+        add(slide, found[0], found[1])
+    if unlabelled_dir is not None:
+        for slide in find_slides(unlabelled_dir):
+            add(slide, "none", None)
     if missing:
         where = f"under {masks_dir} or " if masks_dir else ""
         raise UserInputError(
             f"no annotation for {len(missing)} slide(s) ({', '.join(missing[:5])}"
             f"{', ...' if len(missing) > 5 else ''}); put <stem>_mask.png or <stem>.geojson {where}beside"
-            " each slide",
+            " each slide, or pass --allow-unlabelled to use them without masks",
             input_dir,
         )
     return jobs
@@ -137,7 +167,8 @@ def _params_hash(cfg: PrepareConfig, jobs: list[SlideJob], class_map: dict | Non
         "config": dataclasses.asdict(cfg),
         "class_map": class_map,
         "slides": [
-            [j.stem, j.path.stat().st_size, j.annotation_kind, j.annotation_path.stat().st_size, j.group]
+            [j.stem, j.path.stat().st_size, j.annotation_kind,
+             j.annotation_path.stat().st_size if j.annotation_path is not None else 0, j.group]
             for j in jobs
         ],
     }
@@ -175,8 +206,11 @@ def _open_staging(out: Path, params_hash: str) -> Path:
     return staging
 
 
-def class_fractions(mask: np.ndarray) -> dict[str, float]:
-    """The manifest's ``frac_background``, ``frac_benign``, ``frac_malignant`` of a patch mask."""
+def class_fractions(mask: np.ndarray | None) -> dict[str, float | str]:
+    """The manifest's ``frac_background``, ``frac_benign``, ``frac_malignant`` of a patch mask
+    (empty for an unlabelled patch, ``mask=None``)."""
+    if mask is None:
+        return {f"frac_{name}": "" for name in CLASS_NAMES}
     fractions = np.bincount(mask.ravel(), minlength=3)[:3] / mask.size
     return {f"frac_{name}": round(float(f), 4) for name, f in zip(CLASS_NAMES, fractions)}
 
@@ -199,6 +233,9 @@ def write_manifest(folder: Path, rows: list[dict], split_of_group: dict[str, str
 
 # --------------------------------------------------------------------------- stages
 def _annotation_reader(job: SlideJob, height: int, width: int, cfg: PrepareConfig, class_map):
+    """``(read(x, y) -> patch mask or None, closable)``; unlabelled slides read nothing."""
+    if job.annotation_kind == "none":
+        return (lambda x, y: None), None
     if job.annotation_kind == "mask":
         labels = open_label_image(job.annotation_path, height, width, max_pixels=cfg.max_pixels)
         roi = cfg.roi_size
@@ -295,12 +332,13 @@ def _extract_slide(
                 mask = read_mask(x, y)
                 pid = f"{job.stem}_x{x}_y{y}"
                 write_png_atomic(staging / "images" / f"{pid}.png", preview)
-                write_png_atomic(staging / "masks" / f"{pid}.png", mask)
+                if mask is not None:
+                    write_png_atomic(staging / "masks" / f"{pid}.png", mask)
                 rows.append({
                     "id": pid, "slide": job.stem, "group": job.group, "split": "", "x": x, "y": y,
                     "roi_size": cfg.roi_size, "patch_size": cfg.patch_size,
                     "tissue_fraction": round(tissue, 4), **class_fractions(mask),
-                    "labelled": 1,
+                    "labelled": int(mask is not None),
                 })
             if progress is not None:
                 progress(i + 1, len(grid))
@@ -327,8 +365,14 @@ def prepare_dataset(
     class_map_file: str | Path | None = None,
     log: Callable[[str], None] = print,
     progress_factory: Callable[[str, int], Callable[[int, int], None]] | None = None,
+    unlabelled_dir: str | Path | None = None,
+    allow_unlabelled: bool = False,
 ) -> Path:
     """Build a patch dataset in ``out``; returns ``out``. See the module docstring.
+
+    ``unlabelled_dir``: a folder of slides without annotation, added as unlabelled; with
+    ``allow_unlabelled`` slides of ``input_dir`` that have no annotation are added as unlabelled
+    instead of being an error.
 
     The colour maths run on many small arrays, where torch's intra-op threads only add overhead
     (and stall badly when other processes share the cores): one thread is used meanwhile.
@@ -337,18 +381,23 @@ def prepare_dataset(
     torch.set_num_threads(1)
     try:
         return _prepare_dataset(input_dir, out, cfg, masks_dir, groups_csv, class_map_file, log,
-                                progress_factory)
+                                progress_factory, unlabelled_dir, allow_unlabelled)
     finally:
         torch.set_num_threads(threads)
 
 
-def _prepare_dataset(input_dir, out, cfg, masks_dir, groups_csv, class_map_file, log, progress_factory):
+def _prepare_dataset(input_dir, out, cfg, masks_dir, groups_csv, class_map_file, log, progress_factory,
+                     unlabelled_dir=None, allow_unlabelled=False):
     input_dir, out = Path(input_dir), Path(out)
     masks_dir = Path(masks_dir) if masks_dir is not None else None
     if masks_dir is not None and not masks_dir.is_dir():
         raise UserInputError("--masks is not a folder", masks_dir)
+    unlabelled_dir = Path(unlabelled_dir) if unlabelled_dir is not None else None
+    if unlabelled_dir is not None and not unlabelled_dir.is_dir():
+        raise UserInputError("--unlabelled is not a folder; give the folder of unannotated slides", unlabelled_dir)
     class_map = load_class_map(class_map_file) if class_map_file is not None else None
-    jobs = plan_jobs(input_dir, masks_dir, Path(groups_csv) if groups_csv else None)
+    jobs = plan_jobs(input_dir, masks_dir, Path(groups_csv) if groups_csv else None, unlabelled_dir,
+                     allow_unlabelled)
     params_hash = _params_hash(cfg, jobs, class_map)
     if check_existing_output(out, params_hash):
         log(f"{out} already holds this dataset (same inputs and parameters); nothing to do")
@@ -382,22 +431,26 @@ def _prepare_dataset(input_dir, out, cfg, masks_dir, groups_csv, class_map_file,
 
     split_of_group = assign_splits([j.group for j in jobs], cfg.val_fraction, cfg.test_fraction, cfg.seed)
     counts = write_manifest(staging, rows, split_of_group)
+    num_unlabelled = sum(not r["labelled"] for r in rows)
     meta = {
         "format": DATASET_FORMAT,
         "diffusiondci_version": __version__,
         "classes": {str(i): name for i, name in enumerate(CLASS_NAMES)},
         "num_patches": len(rows),
+        "num_unlabelled": num_unlabelled,  # patches without a mask (manifest labelled = 0)
         "splits": counts,
         "parameters": dataclasses.asdict(cfg),
         "parameters_hash": params_hash,
         "source": {
             "input": str(input_dir.resolve()),
             "masks": str(masks_dir.resolve()) if masks_dir else None,
+            "unlabelled": str(unlabelled_dir.resolve()) if unlabelled_dir else None,
             "groups_csv": str(Path(groups_csv).resolve()) if groups_csv else None,
             "class_map": class_map,
             "slides": [
-                {"stem": j.stem, "file": j.path.name, "annotation": j.annotation_path.name,
-                 "group": j.group, "split": split_of_group[j.group],
+                {"stem": j.stem, "file": j.path.name,
+                 "annotation": j.annotation_path.name if j.annotation_path is not None else None,
+                 "labelled": j.labelled, "group": j.group, "split": split_of_group[j.group],
                  "height": stats[j.stem]["height"], "width": stats[j.stem]["width"]}
                 for j in jobs
             ],
@@ -420,5 +473,6 @@ def _prepare_dataset(input_dir, out, cfg, masks_dir, groups_csv, class_map_file,
         out.rmdir()  # verified empty above
     staging.replace(out)
     log(f"wrote {len(rows)} patches from {len(jobs)} slide(s) to {out} "
-        f"(train {counts['train']}, val {counts['val']}, test {counts['test']})")
+        f"(train {counts['train']}, val {counts['val']}, test {counts['test']}"
+        f"{f'; {num_unlabelled} unlabelled' if num_unlabelled else ''})")
     return out

@@ -8,6 +8,13 @@ Each optimizer step (paper eqs. 8, 14-17):
    ``p_drop_ref``, ``p_drop_both`` (classifier-free guidance training, §IV-B2c);
 3. loss = L_hybrid = L_simple + lambda * L_vlb (eq. 14, :func:`diffusiondci.diffusion.losses.hybrid_loss`).
 
+Label-efficient mode (``use_unlabelled``, on by default): classifier-free guidance already trains
+the network on (image, NULL mask, reference) pairs, so a patch without a mask is a valid training
+sample with the NULL mask condition and its own reference embedding. Unlabelled training patches
+join the training set; in the loss they always get the NULL mask (after the usual random draws,
+which are made for every sample so the random stream does not depend on labels; their reference
+is still dropped at random). Without unlabelled patches training is exactly what it was.
+
 t, eps and the drop draws come from a dedicated ``torch.Generator`` registered with the
 :class:`~diffusiondci.train.loop.Trainer`, so a resumed run is bit-identical to an uninterrupted one;
 the Trainer does EMA, checkpoints, DDP (``torchrun``) and the NaN guard.
@@ -63,6 +70,7 @@ __all__ = [
     "dsdm_loss",
     "null_training_conditions",
     "train_dsdm",
+    "training_conditions",
     "training_embeddings",
 ]
 
@@ -108,6 +116,7 @@ class DSDMConfig:
     num_workers: int = 0
     autocast: str | None = None  # None | "bf16"
     seed: int = 0
+    use_unlabelled: bool = True  # unlabelled training patches join with the NULL mask (label-efficient mode)
 
     def __post_init__(self) -> None:
         if self.unet not in UNET_PRESETS:
@@ -160,7 +169,8 @@ def build_unet_config(cfg: DSDMConfig, image_size: int | None = None, ref_dim: i
 
 
 class ReferencedPatches(Dataset):
-    """Training patches with their reference embedding: items ``image``, ``mask``, ``ref``, ``index``."""
+    """Training patches with their reference embedding: items ``image``, ``mask``, ``ref``, ``labelled``
+    (False: ``mask`` is a placeholder, the loss uses the NULL mask), ``index``."""
 
     def __init__(self, base: PatchDataset, refs: torch.Tensor):
         if refs.shape[0] != len(base):
@@ -173,7 +183,8 @@ class ReferencedPatches(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.base[i]
-        return {"image": item["image"], "mask": item["mask"], "ref": self.refs[i], "index": i}
+        return {"image": item["image"], "mask": item["mask"], "ref": self.refs[i],
+                "labelled": bool(item.get("labelled", True)), "index": i}
 
 
 def _same_folder(a: str | Path | None, b: str | Path) -> bool:
@@ -238,6 +249,32 @@ def null_training_conditions(model: DSDMUNet, n: int, like_mask: torch.Tensor, l
     return {"mask": mask.to(like_mask.dtype), "ref": ref.to(like_ref.dtype)}
 
 
+def training_conditions(
+    model: nn.Module,
+    x0: torch.Tensor,
+    mask: torch.Tensor,
+    ref: torch.Tensor,
+    p_drop: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    generator: torch.Generator | None = None,
+    labelled: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The conditions the network sees in one training step: ``({"mask": one-hot or NULL, "ref":
+    embedding or NULL}, keep flags)``. Random dropouts as in :func:`drop_conditions`; then every
+    unlabelled sample (``labelled`` False) gets the NULL mask and its keep flag cleared."""
+    n = x0.shape[0]
+    onehot = mask_one_hot(mask, unwrap_model(model).config.num_mask_classes).to(x0.dtype)
+    cond = {"mask": onehot, "ref": ref.to(x0.dtype)}
+    null = null_training_conditions(model, n, onehot, cond["ref"])
+    mixed, keep = drop_conditions(cond, null, *p_drop, generator=generator)
+    if labelled is not None:
+        labelled = labelled.to(device=onehot.device, dtype=torch.bool).reshape(n)
+        if not bool(labelled.all()):
+            flag = labelled.reshape(n, 1, 1, 1)
+            mixed["mask"] = torch.where(flag, mixed["mask"], null["mask"].expand_as(onehot))
+            keep["mask"] = keep["mask"] & labelled.to(keep["mask"].device)
+    return mixed, keep
+
+
 def dsdm_loss(
     model: nn.Module,
     schedule: DiffusionSchedule,
@@ -249,16 +286,16 @@ def dsdm_loss(
     lambda_vlb: float = 0.001,
     p_drop: tuple[float, float, float] = (0.0, 0.0, 0.0),
     generator: torch.Generator | None = None,
+    labelled: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """L_hybrid (eq. 14) of ``model`` on one batch, with classifier-free-guidance dropouts ``p_drop``
     = (mask only, reference only, both) drawn from ``generator``; returns ``loss``, ``mse``, ``vlb``
-    (batch means) and ``kept_mask`` / ``kept_ref`` (fractions of samples that kept the condition)."""
-    n = x0.shape[0]
+    (batch means) and ``kept_mask`` / ``kept_ref`` (fractions of samples that kept the condition).
+
+    ``labelled`` (bool ``(N,)``, default all True): samples marked False have no mask; they get the
+    NULL mask whatever the draw (their ``mask`` entries are ignored)."""
+    mixed, keep = training_conditions(model, x0, mask, ref, p_drop, generator, labelled)
     x_t = schedule.q_sample(x0, t, noise)
-    onehot = mask_one_hot(mask, unwrap_model(model).config.num_mask_classes).to(x0.dtype)
-    cond = {"mask": onehot, "ref": ref.to(x0.dtype)}
-    null = null_training_conditions(model, n, onehot, cond["ref"])
-    mixed, keep = drop_conditions(cond, null, *p_drop, generator=generator)
     out = model(x_t, t, mask=mixed["mask"], ref=mixed["ref"])
     terms = hybrid_loss(schedule, out, x0, x_t, t, noise, lambda_vlb=lambda_vlb, reduction="mean")
     terms["kept_mask"] = keep["mask"].float().mean()
@@ -277,6 +314,8 @@ def _dataset_record(dataset: PatchDataset, image_size: int) -> dict[str, Any]:
         "path": str(dataset.root.resolve()),
         "patch_size": image_size,
         "num_train_patches": len(dataset),
+        "num_labelled_train_patches": dataset.num_labelled,
+        "num_unlabelled_train_patches": len(dataset) - dataset.num_labelled,
         "classes": meta.get("classes"),
         # colour statistics the generator was trained on (references are mapped to them at sampling)
         "color_norm": meta.get("color_norm"),
@@ -309,13 +348,16 @@ def train_dsdm(
 
     ``encoder_run`` (a ``train-encoder`` run folder) is required unless ``cfg.use_reference`` is
     False. ``resume`` continues the run in ``run_dir`` (same settings; ``steps`` may grow).
+    With ``cfg.use_unlabelled`` the unlabelled training patches join (NULL mask; see the module
+    docstring); their mask files are never read.
     """
     data, run_dir = Path(data), Path(run_dir)
     if cfg.use_reference and encoder_run is None:
         raise UserInputError("the reference-conditioned DSDM needs --encoder RUN (or pass --no-reference)")
-    dataset = PatchDataset(data, splits=("train",), with_masks=True, labelled_only=True)
-    if len(dataset) == 0:
-        raise UserInputError("the dataset has no labelled training patches", data)
+    dataset = PatchDataset(data, splits=("train",), with_masks=True, labelled_only=not cfg.use_unlabelled)
+    if len(dataset) == 0 or (dataset.num_labelled == 0 and cfg.decoder_norm == "spade"):
+        raise UserInputError("the dataset has no labelled training patches (the mask-conditioned DSDM "
+                             "needs some)", data)
     image = dataset[0]["image"]
     if image.shape[-1] != image.shape[-2]:
         raise UserInputError(f"patches must be square, got {image.shape[-1]}x{image.shape[-2]}", dataset.image_path(0))
@@ -348,7 +390,8 @@ def train_dsdm(
         n = x0.shape[0]
         t = timestep_sampler(n, schedule.num_timesteps, generator=noise_gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=noise_gen).to(x0.device)
-        return dsdm_loss(m, schedule, x0, batch["mask"], batch["ref"], t, noise, cfg.lambda_vlb, p_drop, noise_gen)
+        return dsdm_loss(m, schedule, x0, batch["mask"], batch["ref"], t, noise, cfg.lambda_vlb, p_drop, noise_gen,
+                         labelled=batch["labelled"])
 
     sample_fn = _make_sample_fn(train_set, schedule, cfg) if cfg.sample_every else None
     batch_size = min(cfg.batch_size, len(dataset))
@@ -383,6 +426,7 @@ def train_dsdm(
                 "lr": cfg.lr,
                 "batch_size": batch_size,
                 "seed": cfg.seed,
+                "use_unlabelled": cfg.use_unlabelled,
             },
             "encoder": {"dir": ENCODER_DIR, "source_run": str(enc_path.resolve())} if enc_path is not None else None,
             "data": _dataset_record(dataset, image_size),
@@ -394,14 +438,16 @@ def train_dsdm(
 
 
 def _make_sample_fn(train_set: ReferencedPatches, schedule: DiffusionSchedule, cfg: DSDMConfig):
-    """Periodic samples (rank 0, EMA weights): a few DDIM steps on the first training masks."""
+    """Periodic samples (rank 0, EMA weights): a few DDIM steps on the first labelled training masks."""
+    # unlabelled patches have no mask to sample from (all patches when none is labelled: no-mask ablation)
+    order = [i for i, flag in enumerate(train_set.base.labelled) if flag] or list(range(len(train_set)))
 
     def sample_fn(model: nn.Module, step: int, out_dir: Path) -> None:
         from ..data.imageio import write_png_atomic
         from ..diffusion.pipeline import colour_mask, generate, make_grid
 
-        k = min(cfg.sample_count, len(train_set))
-        items = [train_set[i] for i in range(k)]
+        k = min(cfg.sample_count, len(order))
+        items = [train_set[i] for i in order[:k]]
         masks = torch.stack([it["mask"] for it in items])
         refs = torch.stack([it["ref"] for it in items])
         images = generate(model, schedule, masks, refs, sampler="ddim", steps=cfg.sample_steps, guidance=3.0,

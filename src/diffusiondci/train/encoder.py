@@ -41,6 +41,7 @@ class EncoderConfig:
     log_every: int = 50
     ckpt_every: int = 1000
     seed: int = 0
+    use_unlabelled: bool = True  # SimCLR needs no labels: unlabelled training patches count too
 
 
 class SimCLRModel(nn.Module):
@@ -58,8 +59,8 @@ class SimCLRModel(nn.Module):
 def train_encoder(data: str | Path, run_dir: str | Path, cfg: EncoderConfig, resume: bool = False,
                   progress: bool = True) -> Path:
     run_dir = Path(run_dir)
-    # no labels are used: unlabelled patches of the training split count too
-    dataset = PatchDataset(data, splits=("train",), with_masks=False, labelled_only=False)
+    # no labels are used: unlabelled patches of the training split count too (unless turned off)
+    dataset = PatchDataset(data, splits=("train",), with_masks=False, labelled_only=not cfg.use_unlabelled)
     if len(dataset) < 2:
         raise UserInputError("SimCLR needs at least 2 training patches", data)
     batch_size = min(cfg.batch_size, len(dataset))

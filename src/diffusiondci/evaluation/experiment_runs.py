@@ -1,0 +1,145 @@
+"""Resumable building blocks of the experiments: every run is a folder that is reused once finished.
+
+A run counts as finished when its final file exists (``metrics.json`` of the training loop, the
+embedding cache of the encoder, ``test_metrics.json`` of a segmenter, ``generation.json`` of a
+sample folder); an unfinished folder is resumed (training) or redone (sampling, which resumes
+batch-wise by itself). So an interrupted experiment picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..config import build, load_section
+from ..data.patch_dataset import PatchDataset, read_manifest
+from ..data.prepare import write_manifest
+
+__all__ = [
+    "ensure_dsdm",
+    "ensure_encoder",
+    "ensure_samples",
+    "ensure_seg",
+    "labelled_view",
+    "score_row",
+]
+
+Log = Callable[[str], None]
+
+
+def _finished(run: Path, marker: str) -> bool:
+    return (run / marker).is_file()
+
+
+def ensure_encoder(data: Path, run: Path, preset: str, steps: int | None, seed: int = 0,
+                   use_unlabelled: bool = True, log: Log = print) -> Path:
+    from ..train.encoder import EncoderConfig, train_encoder
+
+    if not _finished(run, "embeddings.json"):
+        log(f"training reference encoder -> {run}")
+        overrides: dict[str, Any] = {"steps": steps, "seed": seed}
+        if "use_unlabelled" in load_section(preset, "encoder"):
+            overrides["use_unlabelled"] = use_unlabelled
+        cfg = build(EncoderConfig, load_section(preset, "encoder"), **overrides)
+        train_encoder(data, run, cfg, resume=(run / "config.json").is_file(), progress=False)
+    return run
+
+
+def ensure_dsdm(data: Path, run: Path, preset: str, steps: int | None, encoder: Path | None, seed: int = 0,
+                log: Log = print, **overrides: Any) -> Path:
+    from ..train.dsdm import DSDMConfig, train_dsdm
+
+    if not _finished(run, "metrics.json"):
+        log(f"training DSDM -> {run}")
+        cfg = build(DSDMConfig, load_section(preset, "dsdm"), steps=steps, seed=seed, sample_every=0, **overrides)
+        train_dsdm(data, run, cfg, encoder_run=encoder if cfg.use_reference else None,
+                   resume=(run / "config.json").is_file(), progress=False)
+    return run
+
+
+def ensure_samples(dsdm: Path, masks: Path, out: Path, preset: str, steps: int, split: str | None = "train",
+                   num_samples: int = 1, guidance: float | None = None, seed: int = 0, references: Path | None = None,
+                   log: Log = print) -> Path:
+    from ..diffusion.pipeline import GENERATION_MARKER, SampleConfig, sample_to_folder
+
+    if not _finished(out, GENERATION_MARKER):
+        log(f"sampling {dsdm.name} -> {out}")
+        cfg = build(SampleConfig, load_section(preset, "sample"), steps=steps, num_samples=num_samples,
+                    guidance=guidance, seed=seed)
+        sample_to_folder(dsdm, masks, out, cfg, references=references, split=split if references is None else None,
+                         progress=False, log=lambda m: None)
+    return out
+
+
+def ensure_seg(data: Path, run: Path, preset: str, steps: int | None, dsdm: Path | None = None,
+               synthetic: Path | None = None, log: Log = print, **overrides: Any) -> dict[str, Any]:
+    """Train (or resume, or reuse) a segmenter run; returns its test scores plus ``wall_s``."""
+    from ..train.segmentation import SegConfig, evaluate_run, train_seg
+
+    marker = run / "test_metrics.json"
+    if not marker.is_file():
+        log(f"training segmenter -> {run}")
+        values = load_section(preset, "seg")
+        if steps is not None:
+            values.update(steps=steps, epochs=None)
+        cfg = build(SegConfig, values, **overrides)
+        start = time.perf_counter()
+        train_seg(data, run, cfg, dsdm_run=dsdm, synthetic=synthetic, resume=(run / "config.json").is_file(),
+                  progress=False, evaluate_test=False)
+        scores = evaluate_run(run, data, "test")
+        if scores is None:
+            raise RuntimeError(f"{data} has no test split to score on")
+        scores["wall_s"] = round(time.perf_counter() - start, 1)
+        marker.write_text(json.dumps(scores, indent=2))
+    return json.loads(marker.read_text())
+
+
+def score_row(scores: dict[str, Any]) -> dict[str, Any]:
+    """The numbers a results table keeps from a ``MetricAccumulator.compute()`` dict."""
+    row = {k: scores.get(k) for k in ("mean_dice", "mean_iou", "mean_precision", "mean_recall", "accuracy")}
+    for i, name in enumerate(("background", "benign", "malignant")):
+        per = scores.get("dice_per_class") or [None] * 3
+        row[f"dice_{name}"] = per[i] if i < len(per) else None
+    row["wall_s"] = scores.get("wall_s")
+    return row
+
+
+def labelled_view(data: Path, out: Path, n: int | None, seed: int) -> tuple[Path, list[str]]:
+    """A copy of dataset ``data`` (images/masks linked, not copied) in which only ``n`` training
+    patches keep their label (drawn like ``train-seg --labelled``); the other training patches are
+    marked unlabelled. Val/test rows are untouched. Returns the folder and the labelled ids."""
+    from ..train.segmentation import choose_labelled
+
+    train = PatchDataset(data, splits=("train",), with_masks=False, labelled_only=True, cache=False)
+    chosen = {train.ids[i] for i in choose_labelled(train.ids, n, seed)}
+    if (out / "dataset.json").is_file():
+        return out, sorted(chosen)
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "masks"):
+        link = out / sub
+        if not link.exists():
+            link.symlink_to((data / sub).resolve(), target_is_directory=True)
+    rows = read_manifest(data)
+    for r in rows:
+        if r["split"] == "train" and r.get("labelled", "1") not in ("0",) and r["id"] not in chosen:
+            r["labelled"] = "0"
+    write_manifest(out, rows, None, tuple(rows[0].keys()) if rows else ())
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["label_budget"] = {"labelled": n, "seed": seed, "source": str(data.resolve())}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return out, sorted(chosen)
+
+
+def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
+    fields: list[str] = []
+    for r in rows:
+        fields.extend(k for k in r if k not in fields)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, restval="", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    return path

@@ -1,0 +1,393 @@
+"""``diffusiondci experiment NAME``: the paper's tables and figures as resumable one-command runs.
+
+Every experiment writes into its folder: ``experiment.json`` (name, dataset, preset, resolved
+settings), ``results.csv`` (one row per run and seed: the raw numbers), ``summary.csv`` (mean and
+std over seeds per setting) and a plot. Runs live under ``runs/`` and the shared models (encoder,
+DSDM, synthetic pairs) under ``assets/`` (or a shared ``--assets`` folder); finished runs are
+reused, unfinished ones resumed, so an interrupted experiment continues where it stopped.
+
+=================  ================================================================================
+``table1``         generator ablation none / SM / RI / SM+RI: FD (reference-encoder features), FID
+                   (when Inception weights are given), KID, LPIPS-style diversity, mIoU of generated
+                   images (segmented by a plain U-Net trained on real data, vs the conditioning masks)
+``table2``         colour normalisation (on / off, the dataset re-prepared without it) x guidance (0 / 3)
+``fig3``           the probe heat-map (``diffusiondci probe``)
+``table5``         feature injection none / skip / CAA (+ the plain U-Net)
+``fig6``           CAA with synthetic ratios (default 0, 25, 50, 75, 100 %), error bars over seeds
+``table6``         baselines in one harness: plain U-Net, denoising U-Net, ddpm-segmentation pixel
+                   classifier, DiffusionDCI (CAA + synthetic pairs)
+``label-budget``   N labelled images in {8, 16, 32, all}: plain U-Net vs DiffusionDCI with DSDM trained
+                   on labelled only / + unlabelled images, with and without synthetic pairs
+=================  ================================================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data.imageio import write_json_atomic
+from ..errors import UserInputError
+from .experiment_plots import bar_plot, line_plot
+from .experiment_runs import (
+    ensure_dsdm,
+    ensure_encoder,
+    ensure_samples,
+    ensure_seg,
+    labelled_view,
+    score_row,
+    write_rows,
+)
+
+__all__ = ["EXPERIMENTS", "ExperimentConfig", "run_experiment", "summarize"]
+
+Log = Callable[[str], None]
+METRICS = ("mean_dice", "mean_iou", "mean_precision", "mean_recall", "accuracy")
+
+
+@dataclass
+class ExperimentConfig:
+    """Budgets and grids of the experiments (section ``experiment`` of the presets)."""
+
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    encoder_steps: int | None = None  # None: the preset's
+    dsdm_steps: int | None = None
+    seg_steps: int | None = None
+    sample_steps: int = 10  # DDIM steps of the synthetic pairs
+    n_eval: int = 48  # test masks conditioned on in table1/table2
+    diversity_masks: int = 8
+    diversity_samples: int = 3
+    ratios: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    budgets: list[int] = field(default_factory=lambda: [8, 16, 32, 0])  # 0 = all labelled images
+    budget_synthetic_ratio: float = 1.0
+    table6_ratio: float = 0.5
+    probe_steps: int | None = None
+    probe_blocks: list[int] | None = None  # None: the probe section's (all blocks)
+    probe_timesteps: list[int] | None = None  # None: the probe section's (every 100th)
+    inception: str | None = None  # TorchScript Inception weights for FID (never downloaded)
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise UserInputError("experiment.seeds must not be empty")
+        self.seeds = [int(s) for s in self.seeds]
+        self.ratios = [float(r) for r in self.ratios]
+        self.budgets = [int(b) for b in self.budgets]
+        if any(r < 0 for r in self.ratios) or any(b < 0 for b in self.budgets):
+            raise UserInputError("experiment.ratios and experiment.budgets must be >= 0")
+
+
+@dataclass
+class _Ctx:
+    name: str
+    data: Path
+    out: Path
+    assets: Path
+    preset: str
+    cfg: ExperimentConfig
+    log: Log
+    dsdm: Path | None = None
+    encoder: Path | None = None
+
+    def run(self, *parts: Any) -> Path:
+        return self.out / "runs" / "_".join(str(p) for p in parts)
+
+    def encoder_run(self) -> Path:
+        if self.encoder is None:
+            self.encoder = ensure_encoder(self.data, self.assets / "encoder", self.preset, self.cfg.encoder_steps,
+                                          log=self.log)
+        return self.encoder
+
+    def dsdm_run(self) -> Path:
+        if self.dsdm is None:
+            self.dsdm = ensure_dsdm(self.data, self.assets / "dsdm", self.preset, self.cfg.dsdm_steps,
+                                    self.encoder_run(), log=self.log)
+        return self.dsdm
+
+    def synthetic(self, ratio: float) -> Path:
+        k = max(1, math.ceil(ratio))
+        return ensure_samples(self.dsdm_run(), self.data, self.assets / f"synthetic_x{k}", self.preset,
+                              self.cfg.sample_steps, split="train", num_samples=k, log=self.log)
+
+    def seg(self, run: Path, data: Path | None = None, **kw: Any) -> dict[str, Any]:
+        return ensure_seg(data or self.data, run, self.preset, self.cfg.seg_steps, log=self.log, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# summaries
+# --------------------------------------------------------------------------------------------
+
+
+def summarize(rows: list[dict[str, Any]], keys: list[str], metrics: tuple[str, ...] = METRICS) -> list[dict[str, Any]]:
+    """Mean and population std over seeds of ``metrics`` for each distinct value of ``keys``."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, members in groups.items():
+        row: dict[str, Any] = dict(zip(keys, key))
+        row["n"] = len(members)
+        for m in metrics:
+            vals = np.array([float(r[m]) for r in members if r.get(m) is not None], dtype=float)
+            row[f"{m}_mean"] = round(float(vals.mean()), 4) if vals.size else None
+            row[f"{m}_std"] = round(float(vals.std()), 4) if vals.size else None
+        out.append(row)
+    return out
+
+
+def _finish(ctx: _Ctx, rows: list[dict[str, Any]], keys: list[str], metrics: tuple[str, ...] = METRICS) -> list[dict]:
+    write_rows(ctx.out / "results.csv", rows)
+    summary = summarize(rows, keys, metrics)
+    write_rows(ctx.out / "summary.csv", summary)
+    for r in summary:
+        ctx.log("  " + ", ".join(f"{k}={r[k]}" for k in keys) + "  " + "  ".join(
+            f"{m}={r[f'{m}_mean']}±{r[f'{m}_std']}" for m in metrics[:2]))
+    return summary
+
+
+# --------------------------------------------------------------------------------------------
+# segmentation experiments
+# --------------------------------------------------------------------------------------------
+
+_METHODS = {  # train-seg settings of the segmentation methods
+    "plain_unet": {"injection": "none", "init": "scratch"},
+    "denoising_unet": {"injection": "none", "init": "dsdm"},
+    "skip": {"injection": "skip", "init": "dsdm"},
+    "caa": {"injection": "caa", "init": "dsdm"},
+}
+
+
+def _seg_method(ctx: _Ctx, method: str, seed: int, tag: str = "", ratio: float = 0.0) -> dict[str, Any]:
+    settings = dict(_METHODS[method])
+    needs_dsdm = settings["init"] == "dsdm" or settings["injection"] != "none"
+    kw: dict[str, Any] = {"seed": seed, **settings}
+    if ratio > 0:
+        kw.update(synthetic_ratio=ratio, synthetic=ctx.synthetic(ratio))
+    scores = ctx.seg(ctx.run(method + tag, f"s{seed}"), dsdm=ctx.dsdm_run() if needs_dsdm else None, **kw)
+    return {"method": method, "seed": seed, **score_row(scores)}
+
+
+def table5(ctx: _Ctx) -> None:
+    rows = [_seg_method(ctx, m, s) for m in ("plain_unet", "denoising_unet", "skip", "caa") for s in ctx.cfg.seeds]
+    summary = _finish(ctx, rows, ["method"])
+    bar_plot(summary, "method", "mean_dice", ctx.out / "table5.png", "Table 5: feature injection (test Dice)")
+
+
+def fig6(ctx: _Ctx) -> None:
+    rows = []
+    for ratio in ctx.cfg.ratios:
+        for s in ctx.cfg.seeds:
+            tag = "" if ratio == 0 else f"_r{ratio:g}"
+            rows.append({"ratio": ratio, **_seg_method(ctx, "caa", s, tag, ratio)})
+    summary = _finish(ctx, rows, ["ratio"])
+    line_plot(summary, "ratio", "mean_dice", ctx.out / "fig6_synthetic_ratio.png",
+              "Fig. 6: synthetic ratio (CAA)", xlabel="synthetic pairs / real training images")
+
+
+def table6(ctx: _Ctx) -> None:
+    from .probe import ProbeConfig, pixel_classifier_baseline
+    from ..config import build, load_section
+    from ..train.segmentation import SegConfig
+
+    rows = []
+    seg_defaults = build(SegConfig, load_section(ctx.preset, "seg"))
+    for s in ctx.cfg.seeds:
+        rows.append(_seg_method(ctx, "plain_unet", s))
+        rows.append(_seg_method(ctx, "denoising_unet", s))
+        marker = ctx.run("pixel_classifier", f"s{s}") / "test_metrics.json"
+        if not marker.is_file():
+            pcfg = build(ProbeConfig, load_section(ctx.preset, "probe"), seed=s)
+            scores = pixel_classifier_baseline(ctx.data, ctx.dsdm_run(), seg_defaults.blocks, seg_defaults.timesteps,
+                                               pcfg, split="test")
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(marker, scores)
+        rows.append({"method": "pixel_classifier", "seed": s, **score_row(json.loads(marker.read_text()))})
+        r = ctx.cfg.table6_ratio
+        rows.append({**_seg_method(ctx, "caa", s, f"_r{r:g}" if r else "", r), "method": "diffusiondci"})
+    summary = _finish(ctx, rows, ["method"])
+    bar_plot(summary, "method", "mean_dice", ctx.out / "table6.png", "Table 6: segmentation methods (test Dice)")
+
+
+def fig3(ctx: _Ctx) -> None:
+    from .probe import ProbeConfig, run_probe
+    from ..config import build, load_section
+
+    pcfg = build(ProbeConfig, load_section(ctx.preset, "probe"), steps=ctx.cfg.probe_steps,
+                 blocks=ctx.cfg.probe_blocks, timesteps=ctx.cfg.probe_timesteps)
+    result = run_probe(ctx.data, ctx.dsdm_run(), ctx.out / "probe", pcfg, progress=False)
+    for name in ("probe_heatmap.png", "probe.csv", "probe.json"):
+        src = ctx.out / "probe" / name
+        if src.is_file():
+            shutil.copy(src, ctx.out / name)
+    ctx.log(f"  best: {result.get('best')}")
+
+
+def label_budget(ctx: _Ctx) -> None:
+    """Plain U-Net vs DiffusionDCI for each annotation budget N (issue 7)."""
+    from ..data.patch_dataset import PatchDataset
+
+    n_train = len(PatchDataset(ctx.data, splits=("train",), with_masks=False, cache=False))
+    encoder = ctx.encoder_run()  # SimCLR needs no labels: trained once on every training image
+    rows = []
+    for n in ctx.cfg.budgets:
+        n_eff = None if n == 0 or n >= n_train else n
+        label = "all" if n_eff is None else str(n_eff)
+        for s in ctx.cfg.seeds:
+            view, _ = labelled_view(ctx.data, ctx.out / "views" / f"n{label}_s{s}", n_eff, s)
+            common = {"labelled": label, "seed": s}
+            plain = ctx.seg(ctx.run("plain_unet", f"n{label}", f"s{s}"), data=view, injection="none", init="scratch",
+                            seed=s)
+            rows.append({**common, "method": "plain_unet", **score_row(plain)})
+            variants = [("dci_labelled_only", False)] + ([("dci_with_unlabelled", True)] if n_eff is not None else [])
+            for method, unl in variants:
+                dsdm = ensure_dsdm(view, ctx.out / "assets" / f"dsdm_n{label}_s{s}_{'unl' if unl else 'lab'}",
+                                   ctx.preset, ctx.cfg.dsdm_steps, encoder, seed=s, log=ctx.log, use_unlabelled=unl)
+                scores = ctx.seg(ctx.run(method, f"n{label}", f"s{s}"), data=view, dsdm=dsdm, injection="caa",
+                                 init="dsdm", seed=s)
+                rows.append({**common, "method": method, **score_row(scores)})
+                if unl or n_eff is None:
+                    ratio = ctx.cfg.budget_synthetic_ratio
+                    synth = ensure_samples(dsdm, view, ctx.out / "assets" / f"synth_n{label}_s{s}", ctx.preset,
+                                           ctx.cfg.sample_steps, split="train", num_samples=max(1, math.ceil(ratio)),
+                                           seed=s, log=ctx.log)
+                    scores = ctx.seg(ctx.run(method + "_synthetic", f"n{label}", f"s{s}"), data=view, dsdm=dsdm,
+                                     injection="caa", init="dsdm", seed=s, synthetic=synth, synthetic_ratio=ratio)
+                    rows.append({**common, "method": method + "_synthetic", **score_row(scores)})
+    summary = _finish(ctx, rows, ["method", "labelled"])
+    line_plot(summary, "labelled", "mean_dice", ctx.out / "label_budget.png", "Label budget: test Dice vs N",
+              xlabel="labelled training images N", group="method")
+
+
+# --------------------------------------------------------------------------------------------
+# generation experiments
+# --------------------------------------------------------------------------------------------
+
+_VARIANTS = {"none": ("group", False), "SM": ("spade", False), "RI": ("group", True), "SM+RI": ("spade", True)}
+
+
+def _generation_scores(ctx: _Ctx, dsdm: Path, data: Path, tag: str, guidance: float | None, seed: int,
+                       real_seg: Path) -> dict[str, Any]:
+    from .generation_scores import score_generator
+
+    return score_generator(dsdm, data, ctx.out / "samples" / tag, ctx.preset, ctx.cfg, guidance, seed, real_seg,
+                           ctx.encoder_run(), log=ctx.log)
+
+
+def _real_segmenter(ctx: _Ctx, data: Path, tag: str = "") -> Path:
+    run = ctx.assets / f"real_seg{tag}"
+    ctx.seg(run, data=data, injection="none", init="scratch", seed=0)
+    return run
+
+
+def table1(ctx: _Ctx) -> None:
+    real_seg = _real_segmenter(ctx, ctx.data)
+    rows = []
+    for variant, (norm, use_ref) in _VARIANTS.items():
+        for s in ctx.cfg.seeds:
+            name = f"dsdm_{variant.replace('+', '_')}_s{s}"
+            dsdm = ensure_dsdm(ctx.data, ctx.out / "runs" / name, ctx.preset, ctx.cfg.dsdm_steps,
+                               ctx.encoder_run(), seed=s, log=ctx.log, decoder_norm=norm, use_reference=use_ref)
+            scores = _generation_scores(ctx, dsdm, ctx.data, name, None, s, real_seg)
+            rows.append({"variant": variant, "seed": s, **scores})
+    metrics = ("fd_encoder", "kid_encoder", "fid", "diversity", "miou_generated")
+    summary = _finish(ctx, rows, ["variant"], metrics)
+    bar_plot(summary, "variant", "fd_encoder", ctx.out / "table1.png", "Table 1: generator ablation (FD, lower is better)")
+
+
+def _unnormalised_copy(ctx: _Ctx) -> Path:
+    """The dataset prepared again from its recorded sources with colour normalisation off."""
+    from ..config import build
+    from ..data.prepare import PrepareConfig, prepare_dataset
+
+    meta = json.loads((ctx.data / "dataset.json").read_text())
+    src = meta.get("source") or {}
+    if not src.get("input"):
+        raise UserInputError("table2 needs a dataset made by `prepare` (it re-prepares it without colour "
+                             "normalisation from the recorded sources)", ctx.data)
+    out = ctx.assets / "data_no_color_norm"
+    params = {k: v for k, v in (meta.get("parameters") or {}).items()}
+    params["color_norm"] = False
+    prepare_dataset(src["input"], out, build(PrepareConfig, params), masks_dir=src.get("masks"),
+                    groups_csv=src.get("groups_csv"), log=lambda m: None)
+    return out
+
+
+def table2(ctx: _Ctx) -> None:
+    datasets = {"on": ctx.data, "off": _unnormalised_copy(ctx)}
+    rows = []
+    for norm, data in datasets.items():
+        real_seg = _real_segmenter(ctx, data, "" if norm == "on" else "_no_norm")
+        enc = ensure_encoder(data, ctx.assets / f"encoder_norm_{norm}", ctx.preset, ctx.cfg.encoder_steps, log=ctx.log)
+        for s in ctx.cfg.seeds:
+            dsdm = ensure_dsdm(data, ctx.out / "runs" / f"dsdm_norm_{norm}_s{s}", ctx.preset, ctx.cfg.dsdm_steps, enc,
+                               seed=s, log=ctx.log)
+            for guidance in (0.0, 3.0):
+                tag = f"norm_{norm}_g{guidance:g}_s{s}"
+                scores = _generation_scores(ctx, dsdm, data, tag, guidance, s, real_seg)
+                rows.append({"color_norm": norm, "guidance": guidance, "seed": s, **scores})
+    metrics = ("fd_encoder", "kid_encoder", "fid", "diversity", "miou_generated")
+    summary = _finish(ctx, rows, ["color_norm", "guidance"], metrics)
+    for r in summary:
+        r["setting"] = f"norm {r['color_norm']}, s={r['guidance']:g}"
+    bar_plot(summary, "setting", "fd_encoder", ctx.out / "table2.png", "Table 2: colour normalisation x guidance (FD)")
+
+
+EXPERIMENTS: dict[str, Callable[[_Ctx], None]] = {
+    "table1": table1,
+    "table2": table2,
+    "fig3": fig3,
+    "table5": table5,
+    "fig6": fig6,
+    "table6": table6,
+    "label-budget": label_budget,
+}
+
+
+def run_experiment(
+    name: str,
+    data: str | Path,
+    out: str | Path,
+    preset: str = "tiny",
+    cfg: ExperimentConfig | None = None,
+    assets: str | Path | None = None,
+    dsdm: str | Path | None = None,
+    encoder: str | Path | None = None,
+    log: Log = print,
+) -> Path:
+    """Run experiment ``name`` on dataset ``data`` into folder ``out`` (see the module docstring)."""
+    if name not in EXPERIMENTS:
+        raise UserInputError(f"unknown experiment {name!r}; choose one of {', '.join(EXPERIMENTS)}")
+    cfg = cfg or ExperimentConfig()
+    data, out = Path(data), Path(out)
+    if not (data / "dataset.json").is_file():
+        raise UserInputError("not a dataset folder (no dataset.json); make one with `diffusiondci prepare`", data)
+    record = {
+        "name": name,
+        "data": str(data.resolve()),
+        "preset": preset,
+        "settings": dataclasses.asdict(cfg),
+        "dsdm": str(Path(dsdm).resolve()) if dsdm else None,
+        "encoder": str(Path(encoder).resolve()) if encoder else None,
+    }
+    path = out / "experiment.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        same = {k: v for k, v in saved.items() if k != "settings"} == {k: v for k, v in record.items() if k != "settings"}
+        saved_s = {k: v for k, v in saved["settings"].items() if k != "seeds"}
+        if not same or saved_s != {k: v for k, v in record["settings"].items() if k != "seeds"}:
+            raise UserInputError("folder holds this experiment with other settings; use a new --out "
+                                 "(only --seeds may change when continuing)", path)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record, sort_keys=True)
+    ctx = _Ctx(name, data, out, Path(assets) if assets else out / "assets", preset, cfg, log,
+               Path(dsdm) if dsdm else None, Path(encoder) if encoder else None)
+    log(f"experiment {name}: {out}")
+    EXPERIMENTS[name](ctx)
+    return out

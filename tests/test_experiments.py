@@ -1,0 +1,78 @@
+"""Every experiment runs end to end at the tiny preset with minimal budgets, and resumes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from diffusiondci.config import build, load_section
+from diffusiondci.errors import UserInputError
+from diffusiondci.evaluation.experiments import EXPERIMENTS, ExperimentConfig, run_experiment, summarize
+from tests.test_dsdm import build_inputs, conditional_run
+
+MINIMAL = dict(seeds=[0], encoder_steps=1, dsdm_steps=1, seg_steps=1, sample_steps=2, n_eval=4, diversity_masks=2,
+               diversity_samples=2, ratios=[0.0, 0.5], budgets=[4, 0], probe_steps=2,
+               probe_blocks=[1, 2], probe_timesteps=[100, 500])
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> dict[str, Path]:
+    base = tmp_path_factory.getbasetemp() / "dsdm_shared"
+    inputs = build_inputs(base)
+    return {**inputs, "dsdm": conditional_run(base, inputs), "assets": tmp_path_factory.mktemp("exp_assets")}
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_summary_is_mean_and_std_over_seeds():
+    data = [{"m": "a", "mean_dice": 0.5}, {"m": "a", "mean_dice": 0.7}, {"m": "b", "mean_dice": 0.1}]
+    out = {r["m"]: r for r in summarize(data, ["m"], ("mean_dice",))}
+    assert out["a"]["mean_dice_mean"] == pytest.approx(0.6) and out["a"]["mean_dice_std"] == pytest.approx(0.1)
+    assert out["b"]["n"] == 1 and out["b"]["mean_dice_std"] == 0.0
+
+
+@pytest.mark.parametrize("name", sorted(EXPERIMENTS))
+def test_experiment_runs_end_to_end(name, shared, tmp_path, monkeypatch):
+    cfg = build(ExperimentConfig, load_section("tiny", "experiment"), **MINIMAL)
+    reuse = {} if name in ("table1", "table2", "label-budget") else {"dsdm": shared["dsdm"]}
+    out = run_experiment(name, shared["data"], tmp_path / name, "tiny", cfg, encoder=shared["encoder"],
+                         assets=shared["assets"], log=lambda m: None, **reuse)
+    record = json.loads((out / "experiment.json").read_text())
+    assert record["name"] == name and record["settings"]["seeds"] == [0]
+    if name == "fig3":
+        assert (out / "probe_heatmap.png").is_file() and (out / "probe.csv").is_file()
+        return
+    results, summary = rows(out / "results.csv"), rows(out / "summary.csv")
+    assert results and summary and all(r["n"] == "1" for r in summary)
+    assert list(out.glob("*.png")), "a plot is written"
+    if name == "fig6":
+        assert sorted(float(r["ratio"]) for r in summary) == [0.0, 0.5]
+    if name == "label-budget":
+        methods = {(r["method"], r["labelled"]) for r in summary}
+        assert ("plain_unet", "4") in methods and ("dci_with_unlabelled_synthetic", "4") in methods
+        assert ("dci_labelled_only", "all") in methods
+    if name in ("table1", "table2"):
+        assert all(r["fd_encoder_mean"] for r in summary) and all(r["miou_generated_mean"] for r in summary)
+    # resume: a rerun reuses every finished run and gives the same table
+    before = (out / "results.csv").read_text()
+    run_experiment(name, shared["data"], out, "tiny", cfg, encoder=shared["encoder"], assets=shared["assets"],
+                   log=lambda m: None, **reuse)
+    assert (out / "results.csv").read_text() == before
+
+
+def test_changed_settings_are_refused(shared, tmp_path):
+    cfg = build(ExperimentConfig, load_section("tiny", "experiment"), **MINIMAL)
+    out = tmp_path / "t5"
+    run_experiment("table5", shared["data"], out, "tiny", cfg, dsdm=shared["dsdm"], encoder=shared["encoder"],
+                   assets=shared["assets"], log=lambda m: None)
+    other = build(ExperimentConfig, load_section("tiny", "experiment"), **{**MINIMAL, "seg_steps": 2})
+    with pytest.raises(UserInputError, match="other settings"):
+        run_experiment("table5", shared["data"], out, "tiny", other, dsdm=shared["dsdm"], log=lambda m: None)
+    with pytest.raises(UserInputError, match="unknown experiment"):
+        run_experiment("table9", shared["data"], out, "tiny", cfg)
