@@ -200,3 +200,27 @@ def test_cli_train_seg(shared, tmp_path):
     bad = CliRunner().invoke(app, ["train-seg", str(shared["data"]), "--out", str(tmp_path / "x"), "--preset", "tiny",
                                    "--injection", "caa"])
     assert isinstance(bad.exception, UserInputError) and "needs --dsdm" in str(bad.exception)
+
+
+def test_quality_filter_reports_kept_and_dropped(shared, caa_run, tmp_path):
+    """A real-data segmenter scores every synthetic pair; pairs under the threshold are dropped."""
+    synth = tmp_path / "synth"
+    shutil.copytree(shared["data"], synth)
+    cfg = seg_cfg(injection="none", init="scratch", synthetic_ratio=0.25, filter_threshold=0.0, steps=1)
+    rec = json.loads((train_seg(shared["data"], tmp_path / "all", cfg, synthetic=synth, filter_model=caa_run,
+                                progress=False) / "synthetic.json").read_text())
+    assert rec["kept"] == rec["available"] == len(rec["filter"]) and rec["dropped"] == 0
+    dices = [r["mean_dice"] for r in rec["filter"]]
+    threshold = float(np.median(dices))
+    cfg = seg_cfg(injection="none", init="scratch", synthetic_ratio=0.25, filter_threshold=threshold, steps=1)
+    rec2 = json.loads((train_seg(shared["data"], tmp_path / "half", cfg, synthetic=synth, filter_model=caa_run,
+                                 progress=False) / "synthetic.json").read_text())
+    kept_ids = {r["id"] for r in rec2["filter"] if r["kept"]}
+    assert rec2["kept"] == sum(d >= threshold for d in dices) == len(kept_ids)
+    assert rec2["kept"] + rec2["dropped"] == rec2["available"] and set(rec2["used_ids"]) <= kept_ids
+    with pytest.raises(UserInputError, match="after filtering"):
+        train_seg(shared["data"], tmp_path / "none", seg_cfg(injection="none", init="scratch", synthetic_ratio=0.25,
+                  filter_threshold=1.01), synthetic=synth, filter_model=caa_run, progress=False)
+    with pytest.raises(UserInputError, match="needs --filter-threshold"):
+        train_seg(shared["data"], tmp_path / "nothr", seg_cfg(injection="none", init="scratch", synthetic_ratio=0.25),
+                  synthetic=synth, filter_model=caa_run, progress=False)

@@ -7,7 +7,6 @@ Each command is a thin call into its stage; errors a user can fix are printed as
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -278,30 +277,13 @@ def probe(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes.")] = Path("demo_output"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for everything the demo writes (rerun to resume).")] = Path("demo_output"),
     seed: Annotated[int, typer.Option(help="Seed of the generated sample.")] = 0,
 ) -> None:
-    """Run the pipeline on the embedded, generated sample at the tiny preset."""
-    from .data.phantom import write_sample
-    from .data.prepare import PrepareConfig, prepare_dataset
-    from .data.preview import dataset_overview
+    """Run the whole system on the embedded, generated sample at the tiny preset and write a report."""
+    from .demo import run_demo
 
-    start = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    sample_dir = out / "sample"
-    if not (sample_dir / "slides").is_dir():
-        write_sample(sample_dir, seed=seed)
-        typer.echo(f"generated the embedded sample in {sample_dir}")
-    cfg = build(PrepareConfig, load_section("tiny", "prepare"))
-    dataset = prepare_dataset(sample_dir / "slides", out / "dataset", cfg,
-                              groups_csv=sample_dir / "slides" / "groups.csv",
-                              log=typer.echo, progress_factory=_progress_factory)
-    overview = dataset_overview(dataset, out / "overview.png")
-    typer.echo("")
-    typer.echo(f"demo finished in {time.perf_counter() - start:.1f} s")
-    typer.echo(f"  patch dataset:     {dataset} (images/, masks/, manifest.csv, dataset.json)")
-    typer.echo(f"  colour-norm views: {dataset / 'thumbnails'}")
-    typer.echo(f"  overview picture:  {overview}")
+    run_demo(out, seed=seed, log=typer.echo, progress_factory=_progress_factory)
 
 
 @app.command()
@@ -405,7 +387,7 @@ def main() -> None:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted; re-run the same command to resume", err=True)
+        typer.echo("interrupted; re-run the same command to resume (add --resume for train-* commands)", err=True)
         sys.exit(130)
 
 

@@ -25,7 +25,7 @@ def colour_mask(mask: np.ndarray) -> np.ndarray:
 def dataset_overview(dataset: str | Path, path: str | Path, n_patches: int = 6) -> Path:
     """One figure: the first slide's before/after thumbnail, then patches above their masks."""
     dataset, path = Path(dataset), Path(path)
-    rows = read_manifest(dataset)
+    rows = [r for r in read_manifest(dataset) if r.get("labelled", "1") != "0"]  # unlabelled: no mask file
     # prefer patches that show both lesion classes
     rows = sorted(rows, key=lambda r: -min(float(r["frac_benign"]), float(r["frac_malignant"])))[:n_patches]
     thumbs = sorted((dataset / "thumbnails").glob("*_colornorm.png"))

@@ -133,6 +133,8 @@ def load_dsdm(
     record = _read_record(run_dir)
     cfg = UNetConfig.from_dict(record["unet"], run_dir / DSDM_META)
     model = DSDMUNet(cfg)
+    if checkpoint == "best" and not (run_dir / "checkpoints" / "best").exists():
+        checkpoint = "latest"  # DSDM training keeps no "best" (no validation score): use the last one
     named = run_dir / "checkpoints" / checkpoint
     ckpt_dir = named if named.exists() or not Path(checkpoint).is_dir() else Path(checkpoint)
     resolved = resolve_checkpoint(ckpt_dir)

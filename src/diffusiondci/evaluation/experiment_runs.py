@@ -20,6 +20,7 @@ from ..data.patch_dataset import PatchDataset, read_manifest
 from ..data.prepare import write_manifest
 
 __all__ = [
+    "augmented_masks",
     "ensure_dsdm",
     "ensure_encoder",
     "ensure_samples",
@@ -92,7 +93,10 @@ def ensure_seg(data: Path, run: Path, preset: str, steps: int | None, dsdm: Path
                   progress=False, evaluate_test=False)
         scores = evaluate_run(run, data, "test")
         if scores is None:
-            raise RuntimeError(f"{data} has no test split to score on")
+            from ..errors import UserInputError
+
+            raise UserInputError("the dataset has no labelled test patches to score on; prepare it with "
+                                 "--test-fraction > 0", data)
         scores["wall_s"] = round(time.perf_counter() - start, 1)
         marker.write_text(json.dumps(scores, indent=2))
     return json.loads(marker.read_text())
@@ -143,3 +147,22 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
         w.writeheader()
         w.writerows(rows)
     return path
+
+
+def augmented_masks(data: Path, ids: list[str], out: Path) -> Path:
+    """A folder of the masks ``ids`` of dataset ``data`` and of their flipped / rotated copies
+    (identity, horizontal flip, vertical flip, 90° rotation: ``<id>_t0..3.png``), for generating
+    more synthetic pairs from few annotations (label-efficient mode)."""
+    import numpy as np
+
+    from ..data.imageio import read_mask, write_png_atomic
+
+    if (out / "done").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    for pid in ids:
+        m = read_mask(data / "masks" / f"{pid}.png")
+        for k, t in enumerate((m, m[:, ::-1], m[::-1, :], np.rot90(m))):
+            write_png_atomic(out / f"{pid}_t{k}.png", np.ascontiguousarray(t))
+    (out / "done").write_text("ok\n")
+    return out

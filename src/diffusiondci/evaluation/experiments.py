@@ -24,6 +24,7 @@ reused, unfinished ones resumed, so an interrupted experiment continues where it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import shutil
@@ -38,6 +39,7 @@ from ..data.imageio import write_json_atomic
 from ..errors import UserInputError
 from .experiment_plots import bar_plot, line_plot
 from .experiment_runs import (
+    augmented_masks,
     ensure_dsdm,
     ensure_encoder,
     ensure_samples,
@@ -97,7 +99,11 @@ class _Ctx:
     encoder: Path | None = None
 
     def run(self, *parts: Any) -> Path:
-        return self.out / "runs" / "_".join(str(p) for p in parts)
+        return self.out / "runs" / self.name_of(*parts)
+
+    @staticmethod
+    def name_of(*parts: Any) -> str:
+        return "_".join(str(p) for p in parts)
 
     def encoder_run(self) -> Path:
         if self.encoder is None:
@@ -116,8 +122,21 @@ class _Ctx:
         return ensure_samples(self.dsdm_run(), self.data, self.assets / f"synthetic_x{k}", self.preset,
                               self.cfg.sample_steps, split="train", num_samples=k, log=self.log)
 
-    def seg(self, run: Path, data: Path | None = None, **kw: Any) -> dict[str, Any]:
-        return ensure_seg(data or self.data, run, self.preset, self.cfg.seg_steps, log=self.log, **kw)
+    def seg(self, name: str, data: Path | None = None, **kw: Any) -> dict[str, Any]:
+        """Scores of a segmenter run; runs with identical settings are shared by every experiment that
+        uses the same assets folder (``assets/seg_runs/<name>_<hash of the settings>``, linked from
+        ``runs/<name>``)."""
+        data = data or self.data
+        settings = {"data": str(data.resolve()), "preset": self.preset, "steps": self.cfg.seg_steps,
+                    **{k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in kw.items()}}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        run = self.assets / "seg_runs" / f"{name}_{digest}"
+        scores = ensure_seg(data, run, self.preset, self.cfg.seg_steps, log=self.log, **kw)
+        link = self.out / "runs" / name
+        if not link.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(run.resolve(), target_is_directory=True)
+        return scores
 
 
 # --------------------------------------------------------------------------------------------
@@ -170,7 +189,7 @@ def _seg_method(ctx: _Ctx, method: str, seed: int, tag: str = "", ratio: float =
     kw: dict[str, Any] = {"seed": seed, **settings}
     if ratio > 0:
         kw.update(synthetic_ratio=ratio, synthetic=ctx.synthetic(ratio))
-    scores = ctx.seg(ctx.run(method + tag, f"s{seed}"), dsdm=ctx.dsdm_run() if needs_dsdm else None, **kw)
+    scores = ctx.seg(ctx.name_of(method + tag, f"s{seed}"), dsdm=ctx.dsdm_run() if needs_dsdm else None, **kw)
     return {"method": method, "seed": seed, **score_row(scores)}
 
 
@@ -240,24 +259,31 @@ def label_budget(ctx: _Ctx) -> None:
         n_eff = None if n == 0 or n >= n_train else n
         label = "all" if n_eff is None else str(n_eff)
         for s in ctx.cfg.seeds:
-            view, _ = labelled_view(ctx.data, ctx.out / "views" / f"n{label}_s{s}", n_eff, s)
+            view, chosen = labelled_view(ctx.data, ctx.out / "views" / f"n{label}_s{s}", n_eff, s)
             common = {"labelled": label, "seed": s}
-            plain = ctx.seg(ctx.run("plain_unet", f"n{label}", f"s{s}"), data=view, injection="none", init="scratch",
+            plain = ctx.seg(ctx.name_of("plain_unet", f"n{label}", f"s{s}"), data=view, injection="none", init="scratch",
                             seed=s)
             rows.append({**common, "method": "plain_unet", **score_row(plain)})
             variants = [("dci_labelled_only", False)] + ([("dci_with_unlabelled", True)] if n_eff is not None else [])
             for method, unl in variants:
-                dsdm = ensure_dsdm(view, ctx.out / "assets" / f"dsdm_n{label}_s{s}_{'unl' if unl else 'lab'}",
-                                   ctx.preset, ctx.cfg.dsdm_steps, encoder, seed=s, log=ctx.log, use_unlabelled=unl)
-                scores = ctx.seg(ctx.run(method, f"n{label}", f"s{s}"), data=view, dsdm=dsdm, injection="caa",
+                if n_eff is None:  # every label used: the experiment's (shared or given) DSDM
+                    dsdm = ctx.dsdm_run()
+                else:
+                    dsdm = ensure_dsdm(view, ctx.assets / f"dsdm_n{label}_s{s}_{'unl' if unl else 'lab'}",
+                                       ctx.preset, ctx.cfg.dsdm_steps, encoder, seed=s, log=ctx.log, use_unlabelled=unl)
+                scores = ctx.seg(ctx.name_of(method, f"n{label}", f"s{s}"), data=view, dsdm=dsdm, injection="caa",
                                  init="dsdm", seed=s)
                 rows.append({**common, "method": method, **score_row(scores)})
                 if unl or n_eff is None:
                     ratio = ctx.cfg.budget_synthetic_ratio
-                    synth = ensure_samples(dsdm, view, ctx.out / "assets" / f"synth_n{label}_s{s}", ctx.preset,
-                                           ctx.cfg.sample_steps, split="train", num_samples=max(1, math.ceil(ratio)),
-                                           seed=s, log=ctx.log)
-                    scores = ctx.seg(ctx.run(method + "_synthetic", f"n{label}", f"s{s}"), data=view, dsdm=dsdm,
+                    if n_eff is None:
+                        synth = ctx.synthetic(ratio)
+                    else:  # the N labelled masks and their flipped / rotated copies (4N conditions)
+                        masks = augmented_masks(view, chosen, ctx.assets / f"masks_n{label}_s{s}")
+                        synth = ensure_samples(dsdm, masks, ctx.assets / f"synth_n{label}_s{s}", ctx.preset,
+                                               ctx.cfg.sample_steps, split=None, num_samples=max(1, math.ceil(ratio / 4)),
+                                               seed=s, log=ctx.log)
+                    scores = ctx.seg(ctx.name_of(method + "_synthetic", f"n{label}", f"s{s}"), data=view, dsdm=dsdm,
                                      injection="caa", init="dsdm", seed=s, synthetic=synth, synthetic_ratio=ratio)
                     rows.append({**common, "method": method + "_synthetic", **score_row(scores)})
     summary = _finish(ctx, rows, ["method", "labelled"])
@@ -281,9 +307,10 @@ def _generation_scores(ctx: _Ctx, dsdm: Path, data: Path, tag: str, guidance: fl
 
 
 def _real_segmenter(ctx: _Ctx, data: Path, tag: str = "") -> Path:
-    run = ctx.assets / f"real_seg{tag}"
-    ctx.seg(run, data=data, injection="none", init="scratch", seed=0)
-    return run
+    """A plain U-Net trained on the real images (scores generated images in table1/table2)."""
+    name = f"real_seg{tag}"
+    ctx.seg(name, data=data, injection="none", init="scratch", seed=0)
+    return (ctx.out / "runs" / name).resolve()
 
 
 def table1(ctx: _Ctx) -> None:
@@ -380,10 +407,11 @@ def run_experiment(
     if path.is_file():
         saved = json.loads(path.read_text())
         same = {k: v for k, v in saved.items() if k != "settings"} == {k: v for k, v in record.items() if k != "settings"}
-        saved_s = {k: v for k, v in saved["settings"].items() if k != "seeds"}
-        if not same or saved_s != {k: v for k, v in record["settings"].items() if k != "seeds"}:
+        grids = ("seeds", "ratios", "budgets")  # grids may grow or shrink: finished runs are reused
+        saved_s = {k: v for k, v in saved["settings"].items() if k not in grids}
+        if not same or saved_s != {k: v for k, v in record["settings"].items() if k not in grids}:
             raise UserInputError("folder holds this experiment with other settings; use a new --out "
-                                 "(only --seeds may change when continuing)", path)
+                                 "(only --seeds, --ratios and --budgets may change when continuing)", path)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, record, sort_keys=True)
     ctx = _Ctx(name, data, out, Path(assets) if assets else out / "assets", preset, cfg, log,

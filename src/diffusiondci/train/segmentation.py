@@ -377,6 +377,8 @@ def train_seg(
         if len(synth) and int(synth[0]["image"].shape[-1]) != image_size:
             raise UserInputError(f"synthetic patches are not {image_size} px like the real ones", synth.image_path(0))
         keep, filter_rows = None, None
+        if filter_model is not None and cfg.filter_threshold is None:
+            raise UserInputError("--filter-model needs --filter-threshold (the mean Dice a pair must reach)")
         if cfg.filter_threshold is not None:
             if filter_model is None:
                 raise UserInputError("--filter-threshold needs --filter-model RUN (a segmenter trained on real data)")
