@@ -224,12 +224,12 @@ def sample(
     split: Annotated[Optional[str], typer.Option(help="With a dataset as --masks: use this split only.")] = None,
     preset: PresetOpt = "paper",
     sampler: Annotated[Optional[str], typer.Option(help="ddpm | ddim.")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: all T for ddpm, 50 for ddim).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default: the preset's; tiny 25, paper all T for ddpm).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale s of eq. 17 (paper 3).")] = None,
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Images per mask.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, same images).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per sampling batch.")] = None,
-    checkpoint: Annotated[Optional[str], typer.Option(help="latest | best | step_N | a checkpoint folder.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="latest | step_N | a checkpoint folder (best = latest for DSDM runs).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
 ) -> None:
     """Generate DCI patches from semantic masks (+ reference images) with a trained DSDM."""
@@ -257,7 +257,7 @@ def probe(
     train_images: Annotated[Optional[int], typer.Option(help="Labelled train images the classifiers learn from.")] = None,
     val_images: Annotated[Optional[int], typer.Option(help="Val images they are scored on.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (subsets, pixels, classifiers, feature noise).")] = None,
-    checkpoint: Annotated[str, typer.Option(help="latest | best | step_N | a checkpoint folder.")] = "latest",
+    checkpoint: Annotated[str, typer.Option(help="latest | step_N | a checkpoint folder (best = latest for DSDM runs).")] = "latest",
     device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
 ) -> None:
     """Probe DSDM features per decoder block x timestep with pixel classifiers (paper Fig. 3); resumable."""

@@ -18,7 +18,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-
 from .. import CLASS_NAMES, __version__
 from ..errors import UserInputError
 from .imageio import IMAGE_SUFFIXES, read_mask, read_rgb, write_json_atomic, write_png_atomic

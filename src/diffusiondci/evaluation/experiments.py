@@ -211,9 +211,9 @@ def fig6(ctx: _Ctx) -> None:
 
 
 def table6(ctx: _Ctx) -> None:
-    from .probe import ProbeConfig, pixel_classifier_baseline
     from ..config import build, load_section
     from ..train.segmentation import SegConfig
+    from .probe import ProbeConfig, pixel_classifier_baseline
 
     rows = []
     seg_defaults = build(SegConfig, load_section(ctx.preset, "seg"))
@@ -235,8 +235,8 @@ def table6(ctx: _Ctx) -> None:
 
 
 def fig3(ctx: _Ctx) -> None:
-    from .probe import ProbeConfig, run_probe
     from ..config import build, load_section
+    from .probe import ProbeConfig, run_probe
 
     pcfg = build(ProbeConfig, load_section(ctx.preset, "probe"), steps=ctx.cfg.probe_steps,
                  blocks=ctx.cfg.probe_blocks, timesteps=ctx.cfg.probe_timesteps)
