@@ -67,8 +67,10 @@ def test_guidance_formula(random_net, conditions):
         for s in (0.0, 3.0):
             got = guided_model_fn(random_net, masks, refs, s)(x, t)
             want_eps = out_c[:, :3] + s * (out_c[:, :3] - out_u[:, :3])
-            assert torch.allclose(got[:, :3], want_eps, atol=1e-5)
-            assert torch.allclose(got[:, 3:], out_c[:, 3:], atol=1e-5)  # variance from the conditional pass
+            # batched (cond + null in one forward) vs separate passes: float32 sums differ by ~1e-6 relative,
+            # amplified by (1 + s); outputs of this perturbed net reach ~10
+            assert torch.allclose(got[:, :3], want_eps, rtol=1e-5, atol=1e-4)
+            assert torch.allclose(got[:, 3:], out_c[:, 3:], rtol=1e-5, atol=1e-4)  # variance from the conditional pass
 
 
 def test_guidance_zero_is_the_conditional_sampler(random_net, conditions):
