@@ -67,7 +67,8 @@ def ensure_samples(dsdm: Path, masks: Path, out: Path, preset: str, steps: int, 
                    log: Log = print) -> Path:
     from ..diffusion.pipeline import GENERATION_MARKER, SampleConfig, sample_to_folder
 
-    if not _finished(out, GENERATION_MARKER):
+    # generation.json records the settings when sampling starts; dataset.json appears when it ends
+    if not (_finished(out, GENERATION_MARKER) and _finished(out, "dataset.json")):
         log(f"sampling {dsdm.name} -> {out}")
         cfg = build(SampleConfig, load_section(preset, "sample"), steps=steps, num_samples=num_samples,
                     guidance=guidance, seed=seed)
