@@ -49,6 +49,8 @@ MAX_SIDE = 1600
 MIN_SHOWN_WIDTH = 400
 #: Pictures per section (and per list of runs); the rest are named in a note.
 MAX_IMAGES_PER_SECTION = 24
+#: Cap of the catch-all "Other figures" section.
+MAX_OTHER_IMAGES = 8
 #: Rows of a table before it is cut (raw CSV tables).
 MAX_TABLE_ROWS = 500
 #: Files larger than this are not parsed (JSON / CSV) or decoded (PNG).
@@ -331,8 +333,8 @@ class _Builder:
         parts = []
         for i, p in enumerate(paths):
             if budget[0] <= 0:
-                parts.append(f'<p class="note">{len(paths) - i} more picture(s) not embedded (limit '
-                             f"{MAX_IMAGES_PER_SECTION} per section).</p>")
+                parts.append(f'<p class="note">{len(paths) - i} more picture(s) not embedded (this '
+                             "section's limit was reached).</p>")
                 self.shown.update(paths[i:])
                 break
             html_fig = self.figure(p, caption)
@@ -799,8 +801,10 @@ def _areas_html(b: _Builder, path: Path) -> str:
 
 
 def _other(b: _Builder, found: _Found) -> str:
-    rest = [p for p in found.pngs if p not in b.shown]
-    return b.figures(rest)
+    """Pictures no section claimed (inputs such as slides often among them): the shallowest first, and
+    fewer of them than elsewhere so that a folder of raw images does not blow up the page."""
+    rest = sorted((p for p in found.pngs if p not in b.shown), key=lambda p: (len(p.parts), str(p)))
+    return b.figures(rest, budget=[MAX_OTHER_IMAGES])
 
 
 # --------------------------------------------------------------------------------------------
