@@ -11,6 +11,7 @@ demo after an interruption reuses what is finished. Each step prints the equival
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,8 +86,6 @@ def run_demo(out: Path, seed: int = 0, cfg: DemoConfig | None = None, log: Calla
              f"diffusiondci train-seg {data} --out {runs}/plain_unet --injection none --init scratch --preset tiny --steps {cfg.seg_steps}")
         scores["plain U-Net"] = ensure_seg(data, runs / "plain_unet", "tiny", cfg.seg_steps, log=log,
                                            injection="none", init="scratch")
-
-    import json
 
     meta = json.loads((data / "dataset.json").read_text())
     test_slides = [s for s in meta["source"]["slides"] if s["split"] == "test"] or meta["source"]["slides"][-1:]

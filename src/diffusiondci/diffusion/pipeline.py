@@ -46,7 +46,7 @@ from ..data.preview import colour_mask  # paper Fig. 5 colours
 from ..errors import UserInputError
 from ..models.reference_encoder import ReferenceEncoder, load_encoder
 from ..models.unet import DSDMUNet, UNetConfig
-from ..train.checkpoint import load_weights_safetensors, resolve_checkpoint
+from ..train.checkpoint import load_weights_safetensors, read_run_record, resolve_checkpoint
 from ..train.dsdm import DSDM_FORMAT, DSDM_META, mask_one_hot
 from ..train.loop import derive_seed
 from ..train.simclr import embed_dataset
@@ -103,15 +103,8 @@ class DSDMRun:
 
 
 def _read_record(run_dir: Path) -> dict[str, Any]:
+    record = read_run_record(run_dir, DSDM_META, DSDM_FORMAT, "DSDM", "train-dsdm")
     path = run_dir / DSDM_META
-    if not path.is_file():
-        raise UserInputError(f"not a DSDM run (no {DSDM_META}); train one with `diffusiondci train-dsdm`", run_dir)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"unreadable ({exc}); re-run train-dsdm --resume to rewrite it", path) from exc
-    if not isinstance(record, dict) or record.get("format") != DSDM_FORMAT:
-        raise UserInputError(f"not a DSDM run record (format should be {DSDM_FORMAT!r})", path)
     for key in ("unet", "schedule"):
         if not isinstance(record.get(key), dict):
             raise UserInputError(f"'{key}' section missing; re-run train-dsdm --resume to rewrite it", path)

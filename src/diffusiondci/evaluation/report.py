@@ -598,15 +598,22 @@ def _metrics_html(data: Any, fractions: bool = False, label: str = "value", fold
     return "".join(parts)
 
 
-def _metrics(b: _Builder, found: _Found) -> str:
+def _json_tables(b: _Builder, paths: list[Path]) -> str:
+    """Each JSON file as a heading and a table; unreadable files become warnings."""
     parts = []
-    for p in found.metrics:
+    for p in paths:
         try:
             data = _read_json(p)
         except _Unreadable as exc:
             b.warn(p, exc)
             continue
         parts.append(f"<h3>{_e(b.rel(p))}</h3>{_metrics_html(data)}")
+    return "".join(parts)
+
+
+def _metrics(b: _Builder, found: _Found) -> str:
+    parts = []
+    parts.append(_json_tables(b, found.metrics))
     for p in found.per_image:
         try:
             fields, rows = _read_csv(p)
@@ -763,13 +770,7 @@ def _probe(b: _Builder, found: _Found) -> str:
             parts.append(_details("raw probe table", _csv_table(fields, rows)))
         else:
             parts.append(_csv_table(fields, rows))
-    for p in found.probe_json:
-        try:
-            data = _read_json(p)
-        except _Unreadable as exc:
-            b.warn(p, exc)
-            continue
-        parts.append(f"<h3>{_e(b.rel(p))}</h3>{_metrics_html(data)}")
+    parts.append(_json_tables(b, found.probe_json))
     return "".join(parts)
 
 

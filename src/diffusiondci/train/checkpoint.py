@@ -435,3 +435,21 @@ def load_weights_safetensors(
     target = unwrap_model(model)
     target.load_state_dict(_strip_module_prefix(state, target.state_dict()), strict=strict)
     return report
+
+
+def read_run_record(run_dir: str | Path, name: str, fmt: str, kind: str, command: str) -> dict[str, Any]:
+    """The JSON record ``name`` of a run folder (e.g. ``dsdm.json``), checked to be a dict of format ``fmt``.
+
+    ``kind`` names the run in errors ("DSDM", "segmentation"), ``command`` the command that makes one.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / name
+    if not path.is_file():
+        raise UserInputError(f"not a {kind} run (no {name}); train one with `diffusiondci {command}`", run_dir)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"unreadable ({exc}); re-run {command} --resume to rewrite it", path) from exc
+    if not isinstance(record, dict) or record.get("format") != fmt:
+        raise UserInputError(f"not a {kind} run record (format should be {fmt!r})", path)
+    return record

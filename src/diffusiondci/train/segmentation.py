@@ -30,7 +30,6 @@ The run folder records the training data's colour-normalisation target and ROI g
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +52,7 @@ from ..models.unet import NUM_MASK_CLASSES
 from ..segmentation.features import DiffusionFeatureExtractor
 from ..segmentation.model import SEG_FORMAT, SEG_META, SegmentationModel, build_from_record
 from . import distributed as dist_utils
-from .checkpoint import load_weights_safetensors, resolve_checkpoint
+from .checkpoint import load_weights_safetensors, read_run_record, resolve_checkpoint
 from .dsdm import UNET_PRESETS
 from .loop import Trainer, derive_seed, steps_per_epoch
 
@@ -479,16 +478,7 @@ def evaluate_run(run_dir: str | Path, data: str | Path, split: str = "test", dev
 
 def load_record(run_dir: str | Path) -> dict[str, Any]:
     """``segmenter.json`` of a ``train-seg`` run, checked."""
-    path = Path(run_dir) / SEG_META
-    if not path.is_file():
-        raise UserInputError(f"not a segmentation run (no {SEG_META}); train one with `diffusiondci train-seg`", run_dir)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"unreadable ({exc})", path) from exc
-    if not isinstance(record, dict) or record.get("format") != SEG_FORMAT:
-        raise UserInputError(f"not a segmenter record (format should be {SEG_FORMAT!r})", path)
-    return record
+    return read_run_record(run_dir, SEG_META, SEG_FORMAT, "segmentation", "train-seg")
 
 
 def load_model_weights(run_dir: str | Path, checkpoint: str = "best") -> tuple[SegmentationModel, dict, Path]:
