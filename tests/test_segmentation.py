@@ -152,6 +152,18 @@ def test_labelled_subset_is_exact_and_reproducible():
         choose_labelled(ids, 41, 0)
 
 
+def test_labelled_slides_keep_all_their_patches():
+    ids = [f"s{i % 5}_p{i:03d}" for i in range(40)]
+    groups = [i.split("_")[0] for i in ids]
+    a = choose_labelled(ids, 2, seed=3, groups=groups)
+    assert len({groups[i] for i in a}) == 2 and len(a) == 16  # 2 slides x 8 patches each
+    assert a == choose_labelled(ids, 2, seed=3, groups=groups)
+    assert {groups[i] for i in a} != {groups[i] for i in choose_labelled(ids, 2, seed=5, groups=groups)} or \
+        {groups[i] for i in a} != {groups[i] for i in choose_labelled(ids, 2, seed=6, groups=groups)}
+    with pytest.raises(UserInputError, match="slides"):
+        choose_labelled(ids, 6, 0, groups=groups)
+
+
 def test_synthetic_ratio_gives_the_stated_counts(shared, tmp_path):
     synth = tmp_path / "synth"
     shutil.copytree(shared["data"], synth)  # any folder in the dataset layout will do
@@ -182,7 +194,8 @@ def test_label_budget_and_poisoned_unlabelled_masks(shared, tmp_path):
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    run = train_seg(data, tmp_path / "budget", seg_cfg(injection="none", init="scratch", labelled=4, label_seed=1),
+    run = train_seg(data, tmp_path / "budget", seg_cfg(injection="none", init="scratch", labelled=4, label_seed=1,
+                                                                label_unit="patch"),
                     progress=False)
     record = json.loads((run / "segmenter.json").read_text())["training"]
     poisoned = {r["id"] for r in train_rows[:3]}

@@ -188,8 +188,9 @@ def train_seg_cmd(
     synthetic_ratio: Annotated[Optional[float], typer.Option(help="Synthetic pairs added = ratio x real training images (Fig. 6).")] = None,
     filter_model: Annotated[Optional[Path], typer.Option(help="Segmenter run trained on real data, used to filter synthetic pairs.")] = None,
     filter_threshold: Annotated[Optional[float], typer.Option(help="Keep synthetic pairs whose mean Dice under --filter-model is at least this.")] = None,
-    labelled: Annotated[Optional[int], typer.Option(help="Keep only N labelled training images (annotation budget).")] = None,
+    labelled: Annotated[Optional[int], typer.Option(help="Keep the labels of only N annotated training slides (annotation budget; see --label-unit).")] = None,
     label_seed: Annotated[Optional[int], typer.Option(help="Seed of the --labelled draw.")] = None,
+    label_unit: Annotated[Optional[str], typer.Option(help="What --labelled counts: slide (a source slide/image and all its patches) | patch.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
@@ -200,7 +201,7 @@ def train_seg_cmd(
     overrides = dict(
         injection=injection, init=init, batch_size=batch_size, lr=lr, blocks=_ints(blocks),
         timesteps=_ints(timesteps), synthetic_ratio=synthetic_ratio, filter_threshold=filter_threshold,
-        labelled=labelled, label_seed=label_seed, seed=seed,
+        labelled=labelled, label_seed=label_seed, label_unit=label_unit, seed=seed,
     )
     if steps is not None:
         overrides["steps"] = steps
@@ -352,7 +353,7 @@ def experiment(
     encoder_steps: Annotated[Optional[int], typer.Option(help="Reference-encoder training steps.")] = None,
     sample_steps: Annotated[Optional[int], typer.Option(help="DDIM steps of generated images.")] = None,
     ratios: Annotated[Optional[str], typer.Option(help="fig6: synthetic ratios, comma-separated (e.g. 0,0.5,1).")] = None,
-    budgets: Annotated[Optional[str], typer.Option(help="label-budget: N labelled images, comma-separated; 0 = all.")] = None,
+    budgets: Annotated[Optional[str], typer.Option(help="label-budget: N labelled training slides (source images), comma-separated; 0 = all.")] = None,
     n_eval: Annotated[Optional[int], typer.Option(help="table1/table2: test masks to condition on.")] = None,
     assets: Annotated[Optional[Path], typer.Option(help="Folder for shared models (encoder, DSDM, synthetic pairs).")] = None,
     dsdm: Annotated[Optional[Path], typer.Option(help="Reuse this DSDM run instead of training one.")] = None,

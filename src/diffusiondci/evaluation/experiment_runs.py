@@ -113,14 +113,15 @@ def score_row(scores: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def labelled_view(data: Path, out: Path, n: int | None, seed: int) -> tuple[Path, list[str]]:
+def labelled_view(data: Path, out: Path, n: int | None, seed: int, unit: str = "slide") -> tuple[Path, list[str]]:
     """A copy of dataset ``data`` (images/masks linked, not copied) in which only ``n`` training
-    patches keep their label (drawn like ``train-seg --labelled``); the other training patches are
-    marked unlabelled. Val/test rows are untouched. Returns the folder and the labelled ids."""
-    from ..train.segmentation import choose_labelled
+    slides (``unit`` slide) or patches (``unit`` patch) keep their label, drawn like ``train-seg
+    --labelled``; the other training patches are marked unlabelled. Val/test rows are untouched.
+    Returns the folder and the labelled patch ids."""
+    from ..train.segmentation import choose_labelled, labelled_groups
 
     train = PatchDataset(data, splits=("train",), with_masks=False, labelled_only=True, cache=False)
-    chosen = {train.ids[i] for i in choose_labelled(train.ids, n, seed)}
+    chosen = {train.ids[i] for i in choose_labelled(train.ids, n, seed, labelled_groups(train, unit))}
     if (out / "dataset.json").is_file():
         return out, sorted(chosen)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +135,8 @@ def labelled_view(data: Path, out: Path, n: int | None, seed: int) -> tuple[Path
             r["labelled"] = "0"
     write_manifest(out, rows, None, tuple(rows[0].keys()) if rows else ())
     meta = json.loads((data / "dataset.json").read_text())
-    meta["label_budget"] = {"labelled": n, "seed": seed, "source": str(data.resolve())}
+    meta["label_budget"] = {"labelled": n, "unit": unit, "labelled_patches": len(chosen), "seed": seed,
+                            "source": str(data.resolve())}
     (out / "dataset.json").write_text(json.dumps(meta, indent=2))
     return out, sorted(chosen)
 
@@ -150,20 +152,31 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
-def augmented_masks(data: Path, ids: list[str], out: Path) -> Path:
-    """A folder of the masks ``ids`` of dataset ``data`` and of their flipped / rotated copies
-    (identity, horizontal flip, vertical flip, 90° rotation: ``<id>_t0..3.png``), for generating
-    more synthetic pairs from few annotations (label-efficient mode)."""
+def augmented_masks(data: Path, ids: list[str], out: Path, count: int | None = None, seed: int = 0) -> Path:
+    """A folder of masks made from the masks ``ids`` of dataset ``data`` and their flipped / rotated
+    copies (identity, horizontal flip, vertical flip, 90° rotation: ``<id>_t0..3.png``), for
+    generating more synthetic pairs from few annotations (label-efficient mode). With ``count``, only
+    that many of the ``4 x len(ids)`` masks are written: every mask once before any mask twice, the
+    transforms drawn with ``seed``."""
     import numpy as np
 
     from ..data.imageio import read_mask, write_png_atomic
 
     if (out / "done").is_file():
         return out
+    rng = np.random.default_rng(seed)
+    combos = [(pid, k) for k in range(4) for pid in ids]  # all identities first, then all h-flips, ...
+    if count is not None and count < len(combos):
+        first = [(pid, int(k)) for pid, k in zip(ids, rng.integers(0, 4, size=len(ids)))]
+        taken = set(first)
+        rest = [c for c in combos if c not in taken]
+        rng.shuffle(first)
+        extra = [rest[i] for i in rng.permutation(len(rest))]
+        combos = (first + extra)[:count]
     out.mkdir(parents=True, exist_ok=True)
-    for pid in ids:
+    for pid, k in sorted(combos):
         m = read_mask(data / "masks" / f"{pid}.png")
-        for k, t in enumerate((m, m[:, ::-1], m[::-1, :], np.rot90(m))):
-            write_png_atomic(out / f"{pid}_t{k}.png", np.ascontiguousarray(t))
+        t = (m, m[:, ::-1], m[::-1, :], np.rot90(m))[k]
+        write_png_atomic(out / f"{pid}_t{k}.png", np.ascontiguousarray(t))
     (out / "done").write_text("ok\n")
     return out

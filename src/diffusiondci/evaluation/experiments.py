@@ -122,21 +122,42 @@ class _Ctx:
         return ensure_samples(self.dsdm_run(), self.data, self.assets / f"synthetic_x{k}", self.preset,
                               self.cfg.sample_steps, split="train", num_samples=k, log=self.log)
 
+    def _shared(self, kind: str, name: str, settings: dict[str, Any]) -> Path:
+        """The run folder of ``settings`` under ``assets/<kind>``: ``<name>_<hash of the settings>``,
+        or any existing folder with that hash (runs are shared by every experiment, whatever name it
+        gives them, that uses the same assets folder)."""
+        clean = {k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in settings.items()}
+        digest = hashlib.sha256(json.dumps(clean, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        root = self.assets / kind
+        found = sorted(root.glob(f"*_{digest}")) if root.is_dir() else []
+        return found[0] if found else root / f"{name}_{digest}"
+
+    def _link(self, name: str, run: Path) -> None:
+        link = self.out / "runs" / name
+        if not link.exists() and not link.is_symlink():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(run.resolve(), target_is_directory=True)
+
     def seg(self, name: str, data: Path | None = None, **kw: Any) -> dict[str, Any]:
         """Scores of a segmenter run; runs with identical settings are shared by every experiment that
         uses the same assets folder (``assets/seg_runs/<name>_<hash of the settings>``, linked from
         ``runs/<name>``)."""
         data = data or self.data
-        settings = {"data": str(data.resolve()), "preset": self.preset, "steps": self.cfg.seg_steps,
-                    **{k: str(Path(v).resolve()) if isinstance(v, Path) else v for k, v in kw.items()}}
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        run = self.assets / "seg_runs" / f"{name}_{digest}"
+        settings = {"data": data, "preset": self.preset, "steps": self.cfg.seg_steps, **kw}
+        run = self._shared("seg_runs", name, settings)
         scores = ensure_seg(data, run, self.preset, self.cfg.seg_steps, log=self.log, **kw)
-        link = self.out / "runs" / name
-        if not link.exists() and not link.is_symlink():
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(run.resolve(), target_is_directory=True)
+        self._link(name, run)
         return scores
+
+    def dsdm_variant(self, name: str, data: Path, encoder: Path | None, seed: int, **overrides: Any) -> Path:
+        """A DSDM trained with the experiment's budget and ``overrides`` of the preset, shared like
+        :meth:`seg` (``assets/dsdm_runs``); e.g. table2's colour-normalised runs are table1's SM+RI."""
+        settings = {"data": data, "preset": self.preset, "steps": self.cfg.dsdm_steps, "encoder": encoder,
+                    "seed": seed, **overrides}
+        run = self._shared("dsdm_runs", name, settings)
+        ensure_dsdm(data, run, self.preset, self.cfg.dsdm_steps, encoder, seed=seed, log=self.log, **overrides)
+        self._link(name, run)
+        return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -249,46 +270,58 @@ def fig3(ctx: _Ctx) -> None:
 
 
 def label_budget(ctx: _Ctx) -> None:
-    """Plain U-Net vs DiffusionDCI for each annotation budget N (issue 7)."""
+    """Plain U-Net vs DiffusionDCI for each annotation budget N (issue 7). N counts what the preset's
+    ``seg.label_unit`` says (default: source slides / images, with all their patches)."""
+    from ..config import load_section
     from ..data.patch_dataset import PatchDataset
+    from ..train.segmentation import labelled_groups
 
-    n_train = len(PatchDataset(ctx.data, splits=("train",), with_masks=False, cache=False))
+    unit = load_section(ctx.preset, "seg").get("label_unit", "slide")
+    train = PatchDataset(ctx.data, splits=("train",), with_masks=False, cache=False)
+    groups = labelled_groups(train, unit)
+    n_total = len(set(groups)) if groups is not None else len(train)
     encoder = ctx.encoder_run()  # SimCLR needs no labels: trained once on every training image
+    ratio = ctx.cfg.budget_synthetic_ratio
     rows = []
     for n in ctx.cfg.budgets:
-        n_eff = None if n == 0 or n >= n_train else n
+        n_eff = None if n == 0 or n >= n_total else n
         label = "all" if n_eff is None else str(n_eff)
         for s in ctx.cfg.seeds:
-            view, chosen = labelled_view(ctx.data, ctx.out / "views" / f"n{label}_s{s}", n_eff, s)
             common = {"labelled": label, "seed": s}
-            plain = ctx.seg(ctx.name_of("plain_unet", f"n{label}", f"s{s}"), data=view, injection="none", init="scratch",
-                            seed=s)
+            if n_eff is None:  # every label: the same runs as table5 / fig6 (shared through the assets)
+                view, chosen = ctx.data, []
+            else:
+                view, chosen = labelled_view(ctx.data, ctx.out / "views" / f"n{label}_s{s}", n_eff, s, unit)
+            plain = ctx.seg(ctx.name_of("plain_unet", f"n{label}", f"s{s}"), data=view, dsdm=None, injection="none",
+                            init="scratch", seed=s)
             rows.append({**common, "method": "plain_unet", **score_row(plain)})
             variants = [("dci_labelled_only", False)] + ([("dci_with_unlabelled", True)] if n_eff is not None else [])
             for method, unl in variants:
                 if n_eff is None:  # every label used: the experiment's (shared or given) DSDM
                     dsdm = ctx.dsdm_run()
                 else:
-                    dsdm = ensure_dsdm(view, ctx.assets / f"dsdm_n{label}_s{s}_{'unl' if unl else 'lab'}",
-                                       ctx.preset, ctx.cfg.dsdm_steps, encoder, seed=s, log=ctx.log, use_unlabelled=unl)
+                    dsdm = ctx.dsdm_variant(f"dsdm_n{label}_s{s}_{'unl' if unl else 'lab'}", view, encoder, s,
+                                            use_unlabelled=unl)
                 scores = ctx.seg(ctx.name_of(method, f"n{label}", f"s{s}"), data=view, dsdm=dsdm, injection="caa",
                                  init="dsdm", seed=s)
                 rows.append({**common, "method": method, **score_row(scores)})
                 if unl or n_eff is None:
-                    ratio = ctx.cfg.budget_synthetic_ratio
                     if n_eff is None:
                         synth = ctx.synthetic(ratio)
-                    else:  # the N labelled masks and their flipped / rotated copies (4N conditions)
-                        masks = augmented_masks(view, chosen, ctx.assets / f"masks_n{label}_s{s}")
-                        synth = ensure_samples(dsdm, masks, ctx.assets / f"synth_n{label}_s{s}", ctx.preset,
-                                               ctx.cfg.sample_steps, split=None, num_samples=max(1, math.ceil(ratio / 4)),
-                                               seed=s, log=ctx.log)
+                    else:  # conditions: the labelled masks and flipped / rotated copies of them
+                        need = round(ratio * len(chosen))
+                        masks = augmented_masks(view, chosen, ctx.assets / f"masks_n{label}_s{s}_{unit}_r{ratio:g}",
+                                                count=need, seed=s)
+                        synth = ensure_samples(dsdm, masks, ctx.assets / f"synth_n{label}_s{s}_{unit}_r{ratio:g}",
+                                               ctx.preset, ctx.cfg.sample_steps, split=None,
+                                               num_samples=max(1, math.ceil(need / (4 * len(chosen)))), seed=s,
+                                               log=ctx.log)
                     scores = ctx.seg(ctx.name_of(method + "_synthetic", f"n{label}", f"s{s}"), data=view, dsdm=dsdm,
                                      injection="caa", init="dsdm", seed=s, synthetic=synth, synthetic_ratio=ratio)
                     rows.append({**common, "method": method + "_synthetic", **score_row(scores)})
     summary = _finish(ctx, rows, ["method", "labelled"])
     line_plot(summary, "labelled", "mean_dice", ctx.out / "label_budget.png", "Label budget: test Dice vs N",
-              xlabel="labelled training images N", group="method")
+              xlabel=f"labelled training {unit}s N", group="method")
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +342,7 @@ def _generation_scores(ctx: _Ctx, dsdm: Path, data: Path, tag: str, guidance: fl
 def _real_segmenter(ctx: _Ctx, data: Path, tag: str = "") -> Path:
     """A plain U-Net trained on the real images (scores generated images in table1/table2)."""
     name = f"real_seg{tag}"
-    ctx.seg(name, data=data, injection="none", init="scratch", seed=0)
+    ctx.seg(name, data=data, dsdm=None, injection="none", init="scratch", seed=0)  # = table5's plain_unet_s0
     return (ctx.out / "runs" / name).resolve()
 
 
@@ -319,8 +352,7 @@ def table1(ctx: _Ctx) -> None:
     for variant, (norm, use_ref) in _VARIANTS.items():
         for s in ctx.cfg.seeds:
             name = f"dsdm_{variant.replace('+', '_')}_s{s}"
-            dsdm = ensure_dsdm(ctx.data, ctx.out / "runs" / name, ctx.preset, ctx.cfg.dsdm_steps,
-                               ctx.encoder_run(), seed=s, log=ctx.log, decoder_norm=norm, use_reference=use_ref)
+            dsdm = ctx.dsdm_variant(name, ctx.data, ctx.encoder_run(), s, decoder_norm=norm, use_reference=use_ref)
             scores = _generation_scores(ctx, dsdm, ctx.data, name, None, s, real_seg)
             rows.append({"variant": variant, "seed": s, **scores})
     metrics = ("fd_encoder", "kid_encoder", "fid", "diversity", "miou_generated")
@@ -341,8 +373,14 @@ def _unnormalised_copy(ctx: _Ctx) -> Path:
     out = ctx.assets / "data_no_color_norm"
     params = {k: v for k, v in (meta.get("parameters") or {}).items()}
     params["color_norm"] = False
+    class_map_file = None
+    if src.get("class_map"):
+        class_map_file = ctx.assets / "class_map.json"
+        write_json_atomic(class_map_file, src["class_map"])
+    input_unlabelled = any(not sl.get("labelled", True) for sl in src.get("slides") or [])
     prepare_dataset(src["input"], out, build(PrepareConfig, params), masks_dir=src.get("masks"),
-                    groups_csv=src.get("groups_csv"), log=lambda m: None)
+                    groups_csv=src.get("groups_csv"), class_map_file=class_map_file,
+                    unlabelled_dir=src.get("unlabelled"), allow_unlabelled=input_unlabelled, log=lambda m: None)
     return out
 
 
@@ -351,10 +389,12 @@ def table2(ctx: _Ctx) -> None:
     rows = []
     for norm, data in datasets.items():
         real_seg = _real_segmenter(ctx, data, "" if norm == "on" else "_no_norm")
-        enc = ensure_encoder(data, ctx.assets / f"encoder_norm_{norm}", ctx.preset, ctx.cfg.encoder_steps, log=ctx.log)
+        # the normalised arm reuses the experiment's encoder (and so table1's SM+RI DSDMs); the other
+        # gets its own, trained the same way on the unnormalised images
+        enc = ctx.encoder_run() if norm == "on" else ensure_encoder(
+            data, ctx.assets / "encoder_norm_off", ctx.preset, ctx.cfg.encoder_steps, log=ctx.log)
         for s in ctx.cfg.seeds:
-            dsdm = ensure_dsdm(data, ctx.out / "runs" / f"dsdm_norm_{norm}_s{s}", ctx.preset, ctx.cfg.dsdm_steps, enc,
-                               seed=s, log=ctx.log)
+            dsdm = ctx.dsdm_variant(f"dsdm_norm_{norm}_s{s}", data, enc, s, decoder_norm="spade", use_reference=True)
             for guidance in (0.0, 3.0):
                 tag = f"norm_{norm}_g{guidance:g}_s{s}"
                 scores = _generation_scores(ctx, dsdm, data, tag, guidance, s, real_seg)

@@ -18,9 +18,11 @@ Variants (config / CLI):
   only pairs on which a segmenter trained on real data (``filter_model``) reaches that mean Dice
   against the conditioning mask (the paper's clinicians, automated); kept / dropped counts go to
   ``synthetic.json``. Validation and test use real images only.
-* ``labelled`` N / ``label_seed``: keep only N labelled real training images (drawn reproducibly
-  from the train split, which is disjoint by patient / slide from val and test) to simulate a small
-  annotation budget. Unlabelled patches never enter the supervised loss (``labelled_only``).
+* ``labelled`` N / ``label_seed``: keep the labels of only N annotated training images (drawn
+  reproducibly from the train split, which is disjoint by patient / slide from val and test) to
+  simulate a small annotation budget. ``label_unit`` says what one of the N is: ``slide`` (default:
+  a source slide / image and every patch cut from it, what a pathologist annotates) or ``patch``.
+  Unlabelled patches never enter the supervised loss (``labelled_only``).
 
 Resumable exactly (:class:`~diffusiondci.train.loop.Trainer`), DDP-ready through ``torchrun``.
 The run folder records the training data's colour-normalisation target and ROI geometry
@@ -60,12 +62,14 @@ __all__ = [
     "SegConfig",
     "augment_batch",
     "choose_labelled",
+    "labelled_groups",
     "predict_dataset",
     "synthetic_subset",
     "train_seg",
 ]
 
 INITS = ("dsdm", "scratch")
+LABEL_UNITS = ("slide", "patch")
 
 
 @dataclass
@@ -94,6 +98,7 @@ class SegConfig:
     filter_threshold: float | None = None
     labelled: int | None = None
     label_seed: int = 0
+    label_unit: str = "slide"  # what --labelled counts: slide (source image) | patch
     feature_seed: int = 0
     log_every: int = 10
     ckpt_every: int = 100
@@ -119,6 +124,8 @@ class SegConfig:
             raise UserInputError(f"seg.synthetic_ratio must be >= 0, got {self.synthetic_ratio}")
         if self.labelled is not None and self.labelled < 1:
             raise UserInputError(f"--labelled must be >= 1, got {self.labelled}")
+        if self.label_unit not in LABEL_UNITS:
+            raise UserInputError(f"seg.label_unit must be one of {LABEL_UNITS}, got {self.label_unit!r}")
         for name in ("hflip_p", "jitter_p"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise UserInputError(f"seg.{name} must lie in [0, 1]")
@@ -132,20 +139,36 @@ class SegConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def choose_labelled(ids: list[str], n: int | None, seed: int) -> list[int]:
-    """Indices of ``n`` images drawn from ``ids`` with ``seed`` (all when ``n`` is None).
+def choose_labelled(ids: list[str], n: int | None, seed: int, groups: list[str] | None = None) -> list[int]:
+    """Indices of the items of ``ids`` that keep their label: ``n`` of them drawn with ``seed``, or,
+    when ``groups`` (one group per item, e.g. its source slide) is given, every item of ``n`` drawn
+    groups. All when ``n`` is None.
 
-    The draw depends only on the sorted ids and the seed, so the same dataset and seed always give
-    the same set, whatever the manifest order.
+    The draw depends only on the sorted ids (groups) and the seed, so the same dataset and seed always
+    give the same set, whatever the manifest order.
     """
     if n is None:
         return list(range(len(ids)))
+    if groups is not None:
+        names = sorted(set(groups))
+        if n > len(names):
+            raise UserInputError(f"--labelled {n} asks for more labelled training slides than the {len(names)} there are")
+        rng = np.random.default_rng(derive_seed(seed, 11))
+        picked = {names[int(i)] for i in rng.choice(len(names), size=n, replace=False)}
+        return [i for i, g in enumerate(groups) if g in picked]
     if n > len(ids):
         raise UserInputError(f"--labelled {n} asks for more labelled training images than the {len(ids)} there are")
     order = sorted(range(len(ids)), key=lambda i: ids[i])
     rng = np.random.default_rng(derive_seed(seed, 11))
     picked = rng.choice(len(order), size=n, replace=False)
     return sorted(order[int(i)] for i in picked)
+
+
+def labelled_groups(dataset: PatchDataset, unit: str) -> list[str] | None:
+    """The group of every item for :func:`choose_labelled` under ``label_unit`` ``unit``."""
+    if unit == "patch":
+        return None
+    return [r.get("slide") or r["id"] for r in dataset.rows]
 
 
 def synthetic_subset(
@@ -362,7 +385,7 @@ def train_seg(
     if image.shape[-1] != image.shape[-2]:
         raise UserInputError("patches must be square", real.image_path(0))
 
-    chosen = choose_labelled(real.ids, cfg.labelled, cfg.label_seed)
+    chosen = choose_labelled(real.ids, cfg.labelled, cfg.label_seed, labelled_groups(real, cfg.label_unit))
     real_train: Dataset = Subset(real, chosen) if cfg.labelled is not None else real
     n_real = len(chosen)
 
@@ -443,7 +466,7 @@ def train_seg(
             "data": _data_record(real, image_size),
             "training": {
                 "steps": total_steps, "batch_size": batch_size, "labelled": cfg.labelled,
-                "label_seed": cfg.label_seed, "num_labelled": n_real,
+                "label_seed": cfg.label_seed, "label_unit": cfg.label_unit, "num_labelled": n_real,
                 "labelled_ids": [real.ids[i] for i in chosen] if cfg.labelled is not None else None,
                 "synthetic_used": synth_record["used"] if synth_record else 0,
             },
