@@ -14,7 +14,7 @@ from diffusiondci.evaluation.experiments import EXPERIMENTS, ExperimentConfig, r
 from tests.test_dsdm import build_inputs, conditional_run
 
 MINIMAL = dict(seeds=[0], encoder_steps=1, dsdm_steps=1, seg_steps=1, sample_steps=2, n_eval=4, diversity_masks=2,
-               diversity_samples=2, ratios=[0.0, 0.5], budgets=[4, 0], probe_steps=2,
+               diversity_samples=2, ratios=[0.0, 0.5], budgets=[4, 0], label_unit="patch", probe_steps=2,
                probe_blocks=[1, 2], probe_timesteps=[100, 500])
 
 
@@ -76,3 +76,28 @@ def test_changed_settings_are_refused(shared, tmp_path):
         run_experiment("table5", shared["data"], out, "tiny", other, dsdm=shared["dsdm"], log=lambda m: None)
     with pytest.raises(UserInputError, match="unknown experiment"):
         run_experiment("table9", shared["data"], out, "tiny", cfg)
+
+
+def test_runs_with_the_same_settings_are_shared_between_experiments(tmp_path, monkeypatch):
+    """Two experiments asking for a segmenter with identical settings get one run folder, whatever
+    they call it; other settings get another one."""
+    from diffusiondci.evaluation import experiments
+
+    trained: list[Path] = []
+
+    def fake_ensure_seg(data, run, *args, **kw):
+        if not run.is_dir():
+            run.mkdir(parents=True)
+            trained.append(run)
+        return {"mean_dice": 0.5}
+
+    monkeypatch.setattr(experiments, "ensure_seg", fake_ensure_seg)
+    data, cfg, assets = tmp_path / "data", ExperimentConfig(seg_steps=3), tmp_path / "assets"
+    first = experiments._Ctx("table5", data, tmp_path / "t5", assets, "tiny", cfg, log=lambda m: None)
+    second = experiments._Ctx("label-budget", data, tmp_path / "lb", assets, "tiny", cfg, log=lambda m: None)
+    first.seg("plain_unet_s0", dsdm=None, injection="none", init="scratch", seed=0)
+    second.seg("plain_unet_nall_s0", dsdm=None, injection="none", init="scratch", seed=0)
+    assert len(trained) == 1
+    assert (tmp_path / "lb" / "runs" / "plain_unet_nall_s0").resolve() == trained[0].resolve()
+    second.seg("plain_unet_nall_s1", dsdm=None, injection="none", init="scratch", seed=1)
+    assert len(trained) == 2 and trained[1].name.startswith("plain_unet_nall_s1_")

@@ -261,6 +261,28 @@ def test_segment_paths_skips_masks_and_outputs(tmp_path):
     assert read_mask(results["b"]["labels"]).shape == (70, 90)
 
 
+def test_segment_paths_skips_finished_slides(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _write(folder / "a.png", _blocks(80, 70))
+    _write(folder / "b.png", _blocks(70, 90))
+    run = FakeRun()
+    segment_paths(run, [folder], tmp_path / "out", progress=False)
+    calls, stamp = run.calls, (tmp_path / "out" / "a_labels.png").stat().st_mtime_ns
+    (tmp_path / "out" / "b_overlay.png").unlink()  # an incomplete slide is redone
+    results = segment_paths(run, [folder], tmp_path / "out", progress=False)
+    assert (tmp_path / "out" / "a_labels.png").stat().st_mtime_ns == stamp and results["a"]["labels"].is_file()
+    assert (tmp_path / "out" / "b_overlay.png").is_file() and run.calls > calls
+    calls = run.calls
+    segment_paths(run, [folder / "a.png"], tmp_path / "out", overlap=0.5, progress=False)  # other settings
+    assert run.calls > calls
+    calls = run.calls
+    segment_paths(run, [folder / "a.png"], tmp_path / "out", overlap=0.5, progress=False)
+    assert run.calls == calls
+    segment_paths(run, [folder / "a.png"], tmp_path / "out", overlap=0.5, progress=False, overwrite=True)
+    assert run.calls > calls
+
+
 def test_cli_segment(tmp_path, monkeypatch):
     from diffusiondci.cli import app
 

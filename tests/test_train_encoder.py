@@ -65,3 +65,18 @@ def test_train_encoder_resume_matches_uninterrupted(dataset, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_cli_train_encoder_on_an_explicit_device(dataset, tmp_path):
+    from typer.testing import CliRunner
+
+    from diffusiondci.cli import app
+
+    out = tmp_path / "enc_cli"
+    result = CliRunner().invoke(app, ["train-encoder", str(dataset), "--out", str(out), "--preset", "tiny",
+                                      "--steps", "1", "--batch-size", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (out / "embeddings.json").is_file()
+    bad = CliRunner().invoke(app, ["train-encoder", str(dataset), "--out", str(tmp_path / "x"), "--preset", "tiny",
+                                   "--steps", "1", "--device", "tpu"])
+    assert isinstance(bad.exception, UserInputError) and "--device" in str(bad.exception)

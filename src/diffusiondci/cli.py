@@ -120,13 +120,14 @@ def train_encoder_cmd(
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run in --out.")] = False,
     no_unlabelled: Annotated[bool, typer.Option("--no-unlabelled", help="Train on labelled patches only (default: unlabelled ones too).")] = False,
+    device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
 ) -> None:
     """Train the ResNet-18 reference encoder with SimCLR and cache patch embeddings."""
     from .train.encoder import EncoderConfig, train_encoder
 
     cfg = build(EncoderConfig, load_section(preset, "encoder"), steps=steps, batch_size=batch_size, seed=seed,
                 use_unlabelled=False if no_unlabelled else None)
-    run = train_encoder(data, out, cfg, resume=resume)
+    run = train_encoder(data, out, cfg, resume=resume, device=device)
     typer.echo(f"encoder run: {run} (encoder/, embeddings.safetensors, log.csv)")
 
 
@@ -312,6 +313,7 @@ def segment(
     checkpoint: Annotated[str, typer.Option(help="best | latest | step_N.")] = "best",
     device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
     max_pixels: Annotated[Optional[int], typer.Option(help="Refuse images with more pixels (decompression bombs).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo slides already segmented in --out with the same model and settings (default: skip them).")] = False,
 ) -> None:
     """Segment whole slides with a trained segmenter (sliding window, colour-normalised like its training data)."""
     from .data.slides import DEFAULT_MAX_PIXELS
@@ -320,7 +322,7 @@ def segment(
 
     find_images(inputs)  # fail on a bad input before loading the model
     run = load_segmenter(model, checkpoint=checkpoint, device=device)
-    segment_paths(run, inputs, out, log=typer.echo, window=window, overlap=overlap, batch_size=batch_size,
+    segment_paths(run, inputs, out, log=typer.echo, overwrite=overwrite, window=window, overlap=overlap, batch_size=batch_size,
                   color_norm=not no_color_norm, label_downsample=label_downsample,
                   max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     typer.echo(f"segmentations: {out}")
@@ -354,6 +356,7 @@ def experiment(
     sample_steps: Annotated[Optional[int], typer.Option(help="DDIM steps of generated images.")] = None,
     ratios: Annotated[Optional[str], typer.Option(help="fig6: synthetic ratios, comma-separated (e.g. 0,0.5,1).")] = None,
     budgets: Annotated[Optional[str], typer.Option(help="label-budget: N labelled training slides (source images), comma-separated; 0 = all.")] = None,
+    label_unit: Annotated[Optional[str], typer.Option(help="label-budget: what N counts, slide (default) | patch.")] = None,
     n_eval: Annotated[Optional[int], typer.Option(help="table1/table2: test masks to condition on.")] = None,
     assets: Annotated[Optional[Path], typer.Option(help="Folder for shared models (encoder, DSDM, synthetic pairs).")] = None,
     dsdm: Annotated[Optional[Path], typer.Option(help="Reuse this DSDM run instead of training one.")] = None,
@@ -374,7 +377,7 @@ def experiment(
     cfg = build(
         ExperimentConfig, load_section(preset, "experiment"), seeds=_ints(seeds), seg_steps=seg_steps,
         dsdm_steps=dsdm_steps, encoder_steps=encoder_steps, sample_steps=sample_steps, ratios=floats(ratios),
-        budgets=_ints(budgets), n_eval=n_eval, inception=str(inception) if inception else None,
+        budgets=_ints(budgets), label_unit=label_unit, n_eval=n_eval, inception=str(inception) if inception else None,
     )
     folder = run_experiment(name, data, out, preset, cfg, assets=assets, dsdm=dsdm, encoder=encoder, log=typer.echo)
     typer.echo(f"experiment folder: {folder} (results.csv, summary.csv, plots); "

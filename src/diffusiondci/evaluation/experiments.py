@@ -70,6 +70,7 @@ class ExperimentConfig:
     ratios: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     budgets: list[int] = field(default_factory=lambda: [8, 16, 32, 0])  # 0 = all labelled images
     budget_synthetic_ratio: float = 1.0
+    label_unit: str = "slide"  # label-budget: N counts slides (source images, all their patches) | patches
     table6_ratio: float = 0.5
     probe_steps: int | None = None
     probe_blocks: list[int] | None = None  # None: the probe section's (all blocks)
@@ -84,6 +85,8 @@ class ExperimentConfig:
         self.budgets = [int(b) for b in self.budgets]
         if any(r < 0 for r in self.ratios) or any(b < 0 for b in self.budgets):
             raise UserInputError("experiment.ratios and experiment.budgets must be >= 0")
+        if self.label_unit not in ("slide", "patch"):
+            raise UserInputError(f"experiment.label_unit must be slide or patch, got {self.label_unit!r}")
 
 
 @dataclass
@@ -270,13 +273,12 @@ def fig3(ctx: _Ctx) -> None:
 
 
 def label_budget(ctx: _Ctx) -> None:
-    """Plain U-Net vs DiffusionDCI for each annotation budget N (issue 7). N counts what the preset's
-    ``seg.label_unit`` says (default: source slides / images, with all their patches)."""
-    from ..config import load_section
+    """Plain U-Net vs DiffusionDCI for each annotation budget N (issue 7). N counts what
+    ``label_unit`` says (default: source slides / images, with all their patches)."""
     from ..data.patch_dataset import PatchDataset
     from ..train.segmentation import labelled_groups
 
-    unit = load_section(ctx.preset, "seg").get("label_unit", "slide")
+    unit = ctx.cfg.label_unit
     train = PatchDataset(ctx.data, splits=("train",), with_masks=False, cache=False)
     groups = labelled_groups(train, unit)
     n_total = len(set(groups)) if groups is not None else len(train)
@@ -448,7 +450,8 @@ def run_experiment(
         saved = json.loads(path.read_text())
         same = {k: v for k, v in saved.items() if k != "settings"} == {k: v for k, v in record.items() if k != "settings"}
         grids = ("seeds", "ratios", "budgets")  # grids may grow or shrink: finished runs are reused
-        saved_s = {k: v for k, v in saved["settings"].items() if k not in grids}
+        # a setting newer than the saved record takes its current value
+        saved_s = {k: v for k, v in {**record["settings"], **saved["settings"]}.items() if k not in grids}
         if not same or saved_s != {k: v for k, v in record["settings"].items() if k not in grids}:
             raise UserInputError("folder holds this experiment with other settings; use a new --out "
                                  "(only --seeds, --ratios and --budgets may change when continuing)", path)

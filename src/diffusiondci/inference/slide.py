@@ -31,6 +31,7 @@ of the slide and of the tissue, with the run and settings used).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -367,6 +368,7 @@ def segment_slide(
     }
     record = {
         "input": str(slide_path.resolve()),
+        "request": _request(run, window, overlap, color_norm, k),
         "height": H,
         "width": W,
         "model_run": str(Path(run.run_dir).resolve()) if getattr(run, "run_dir", None) else None,
@@ -411,15 +413,54 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(seen.values()))
 
 
+def _request(run: Segmenter, window: int, overlap: float, color_norm: bool, label_downsample: int) -> dict:
+    """What decides a slide's outputs (recorded in ``<stem>_areas.json``; equal requests are skipped)."""
+    return {
+        "model_run": str(Path(run.run_dir).resolve()) if getattr(run, "run_dir", None) else None,
+        "checkpoint": str(run.checkpoint) if getattr(run, "checkpoint", None) else None,
+        "window": int(window), "overlap": float(overlap), "color_norm": bool(color_norm),
+        "label_downsample": int(label_downsample),
+    }
+
+
+def _finished(path: Path, out_dir: Path, request: dict) -> bool:
+    """True when ``out_dir`` holds all four outputs of ``path`` made with the same ``request``."""
+    stem = path.stem
+    record_path = out_dir / f"{stem}_areas.json"
+    outputs = [out_dir / f"{stem}{suffix}" for suffix in ("_labels.png", "_overlay.png", ".geojson")]
+    if not record_path.is_file() or not all(p.is_file() for p in outputs):
+        return False
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return record.get("input") == str(path.resolve()) and record.get("request") == request
+
+
 def segment_paths(run: Segmenter, inputs: Iterable[str | Path], out_dir: str | Path,
-                  log: Callable[[str], None] | None = None, **kw) -> dict[str, dict[str, Path]]:
+                  log: Callable[[str], None] | None = None, overwrite: bool = False,
+                  **kw) -> dict[str, dict[str, Path]]:
     """Segment every image in ``inputs`` (files or folders, see :func:`find_images`) into
-    ``out_dir``; ``kw`` are :func:`segment_slide`'s options. Returns ``{stem: written files}``."""
+    ``out_dir``; ``kw`` are :func:`segment_slide`'s options. Returns ``{stem: written files}``.
+
+    A slide whose outputs are already in ``out_dir``, made from the same file with the same model,
+    checkpoint and settings, is skipped (so an interrupted batch resumes), unless ``overwrite``.
+    """
     images = find_images(inputs)
-    _check_settings(run, kw.get("window"), kw.get("overlap", 0.25), kw.get("batch_size", 8),
-                    kw.get("label_downsample", 1))
+    out_dir = Path(out_dir)
+    overlap, downsample = kw.get("overlap", 0.25), kw.get("label_downsample", 1)
+    window = _check_settings(run, kw.get("window"), overlap, kw.get("batch_size", 8), downsample)
+    request = _request(run, window, overlap, kw.get("color_norm", True), downsample)
     results: dict[str, dict[str, Path]] = {}
     for n, path in enumerate(images, start=1):
+        if not overwrite and _finished(path, out_dir, request):
+            results[path.stem] = {key: out_dir / f"{path.stem}{suffix}" for key, suffix in (
+                ("labels", "_labels.png"), ("overlay", "_overlay.png"), ("geojson", ".geojson"),
+                ("areas", "_areas.json"))}
+            if log is not None:
+                log(f"[{n}/{len(images)}] {path.name}: already segmented with these settings "
+                    f"({results[path.stem]['labels']}); --overwrite redoes it")
+            continue
         results[path.stem] = segment_slide(run, path, out_dir, **kw)
         if log is not None:
             log(f"[{n}/{len(images)}] {path.name} -> {results[path.stem]['labels']}")

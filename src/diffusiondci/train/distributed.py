@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..errors import UserInputError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -58,7 +60,12 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
     if device is None:
         dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     else:
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise UserInputError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from exc
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserInputError(f"--device {device} asked for, but torch sees no CUDA GPU here; use --device cpu")
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
     if dev.type == "cuda":

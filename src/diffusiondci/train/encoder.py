@@ -57,7 +57,9 @@ class SimCLRModel(nn.Module):
 
 
 def train_encoder(data: str | Path, run_dir: str | Path, cfg: EncoderConfig, resume: bool = False,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, device: str | torch.device | None = None) -> Path:
+    """SimCLR training of the reference encoder on ``data`` into ``run_dir``; ``device`` as in
+    ``train-dsdm`` (default: cuda if available; torchrun picks one GPU per process)."""
     run_dir = Path(run_dir)
     # no labels are used: unlabelled patches of the training split count too (unless turned off)
     dataset = PatchDataset(data, splits=("train",), with_masks=False, labelled_only=not cfg.use_unlabelled)
@@ -81,7 +83,7 @@ def train_encoder(data: str | Path, run_dir: str | Path, cfg: EncoderConfig, res
         # ``steps`` is left out so that a finished run can be extended with --resume --steps N
         config={"stage": "encoder", "data": str(Path(data).resolve()),
                 **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "steps"}},
-        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=resume, progress=progress,
+        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, resume=resume, progress=progress, device=device,
     )
     trainer.fit()
     if trainer.is_main:

@@ -1,0 +1,137 @@
+"""An off-the-shelf MONAI U-Net on a DiffusionDCI patch dataset: the yardstick for "same budget".
+
+The experiments compare DiffusionDCI with a plain U-Net that shares its (diffusion) backbone and its
+number of optimizer steps. This script answers the other question a user asks: what does a small,
+fast, off-the-shelf ``monai.networks.nets.UNet`` reach on the same patches, the same patient split,
+the same labelled subset and the same metrics, given a number of steps *or a wall-clock budget*?
+
+It trains with the segmentation stage's own pieces (paper augmentation ``augment_batch``, label
+draw ``choose_labelled`` by slide, ``predict_dataset`` / the metrics module), keeps the checkpoint
+with the best validation Dice, and scores it on the test split.
+
+    python benchmarks/monai_unet_reference.py --data DATASET [--labelled 0,16] [--seeds 0,1,2]
+        [--steps 100] [--seconds 120] [--out bench_output/monai_unet.json]
+
+``--labelled`` lists annotation budgets in slides (0 = every labelled training slide); each budget
+and seed is trained once per limit given (``--steps`` and/or ``--seconds``). Prints a table (mean ±
+std over seeds) and writes every run's scores as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import UNet
+from torch.utils.data import Subset
+
+from diffusiondci.config import build, load_section
+from diffusiondci.data.patch_dataset import PatchDataset
+from diffusiondci.train.segmentation import (
+    SegConfig,
+    augment_batch,
+    choose_labelled,
+    labelled_groups,
+    predict_dataset,
+)
+
+
+def stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[i] for i in indices]
+    return torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items]).long()
+
+
+def train_one(data: Path, labelled: int | None, seed: int, steps: int | None, seconds: float | None,
+              val_every: int, batch_size: int, lr: float) -> dict:
+    torch.manual_seed(seed)
+    cfg = build(SegConfig, load_section("tiny", "seg"), seed=seed)
+    real = PatchDataset(data, splits=("train",), with_masks=True, labelled_only=True)
+    chosen = choose_labelled(real.ids, labelled, seed, labelled_groups(real, "slide"))
+    x_all, y_all = stack(real, chosen)
+    val = PatchDataset(data, splits=("val",), with_masks=True, labelled_only=True)
+    test = PatchDataset(data, splits=("test",), with_masks=True, labelled_only=True)
+    net = UNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(16, 32, 64, 128), strides=(2, 2, 2),
+               num_res_units=2)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    best, best_state, step, start = -1.0, None, 0, time.perf_counter()
+    train_s = 0.0
+    while True:
+        if steps is not None and step >= steps:
+            break
+        if seconds is not None and train_s >= seconds:
+            break
+        t0 = time.perf_counter()
+        idx = torch.randint(0, len(chosen), (batch_size,), generator=gen)
+        x, y = augment_batch(x_all[idx], y_all[idx], cfg, gen)
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+        train_s += time.perf_counter() - t0
+        if step % val_every == 0:
+            dice = predict_dataset(net, val).compute()["mean_dice"] or 0.0
+            if dice > best:
+                best, best_state = dice, copy.deepcopy(net.state_dict())
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    scores = predict_dataset(net, test).compute()
+    return {"labelled": "all" if labelled is None else labelled, "seed": seed, "steps": step,
+            "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - start, 1),
+            "labelled_patches": len(chosen), "val_dice": round(best, 4),
+            "mean_dice": scores["mean_dice"], "mean_iou": scores["mean_iou"], "accuracy": scores["accuracy"],
+            "dice_per_class": scores["dice_per_class"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True, help="dataset folder made by `diffusiondci prepare`")
+    ap.add_argument("--labelled", default="0", help="annotation budgets in slides, comma-separated; 0 = all")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    ap.add_argument("--seconds", type=float, default=None, help="training wall-clock budget per run")
+    ap.add_argument("--val-every", type=int, default=50)
+    ap.add_argument("--batch-size", type=int, default=12)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--out", type=Path, default=Path("bench_output/monai_unet.json"))
+    args = ap.parse_args()
+    limits = ([("steps", args.steps)] if args.steps else []) + ([("seconds", args.seconds)] if args.seconds else [])
+    if not limits:
+        ap.error("give --steps and/or --seconds")
+    runs = []
+    for kind, value in limits:
+        for n in [int(v) for v in args.labelled.split(",")]:
+            for seed in [int(v) for v in args.seeds.split(",")]:
+                r = train_one(args.data, n or None, seed, value if kind == "steps" else None,
+                              value if kind == "seconds" else None, args.val_every, args.batch_size, args.lr)
+                r["limit"] = f"{kind}={value:g}"
+                runs.append(r)
+                print(json.dumps(r))
+    print(f"\n{'limit':>14} {'labelled':>8} {'steps':>6} {'Dice':>15} {'mIoU':>15}")
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["limit"], str(r["labelled"])), []).append(r)
+    summary = []
+    for (limit, n), rs in groups.items():
+        d = [r["mean_dice"] for r in rs]
+        m = [r["mean_iou"] for r in rs]
+        row = {"limit": limit, "labelled": n, "n": len(rs), "steps": round(statistics.mean(r["steps"] for r in rs)),
+               "dice_mean": statistics.mean(d), "dice_std": statistics.pstdev(d),
+               "miou_mean": statistics.mean(m), "miou_std": statistics.pstdev(m)}
+        summary.append(row)
+        print(f"{limit:>14} {n:>8} {row['steps']:>6} {row['dice_mean']:.3f} ± {row['dice_std']:.3f}   "
+              f"{row['miou_mean']:.3f} ± {row['miou_std']:.3f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"data": str(args.data), "runs": runs, "summary": summary}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
