@@ -303,6 +303,13 @@ def test_error_out_holds_other_dataset(one_slide, dataset, monkeypatch, capsys):
 
 
 def test_every_command_has_help(monkeypatch, capsys):
-    for command in ("prepare", "import-patches", "train-encoder", "train-dsdm", "sample", "demo"):
+    import typer
+
+    from diffusiondci.cli import app
+
+    commands = sorted(typer.main.get_command(app).commands)
+    assert {"prepare", "train-dsdm", "train-seg", "segment", "rasterize", "evaluate-seg", "experiment",
+            "report", "demo"} <= set(commands)
+    for command in commands:
         code, out, _ = run_cli([command, "--help"], monkeypatch, capsys)
-        assert code == 0 and "--out" in out
+        assert code == 0 and "--out" in out, command

@@ -328,6 +328,24 @@ def segment(
     typer.echo(f"segmentations: {out}")
 
 
+@app.command()
+def rasterize(
+    inputs: Annotated[list[Path], typer.Argument(help="Slide images or folders of them (their size sets the mask's).")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: <stem>_mask.png (0 background, 1 benign, 2 malignant).")],
+    annotations: Annotated[Optional[Path], typer.Option(help="Folder of <stem>.geojson files (default: beside each slide).")] = None,
+    class_map: Annotated[Optional[Path], typer.Option(help="YAML/JSON mapping of QuPath class names to labels 0/1/2.")] = None,
+    downsample: Annotated[int, typer.Option(help="Write masks at 1/K of the slide size (as segment --label-downsample).")] = 1,
+    max_pixels: Annotated[Optional[int], typer.Option(help="Refuse images with more pixels (decompression bombs).")] = None,
+) -> None:
+    """Turn QuPath GeoJSON annotations into label images (ground truth for evaluate-seg)."""
+    from .data.rasterize import rasterize_paths
+    from .data.slides import DEFAULT_MAX_PIXELS
+
+    rasterize_paths(inputs, out, annotations=annotations, class_map_file=class_map, downsample=downsample,
+                    max_pixels=max_pixels or DEFAULT_MAX_PIXELS, log=typer.echo)
+    typer.echo(f"label images: {out}")
+
+
 @app.command("evaluate-seg")
 def evaluate_seg_cmd(
     pred: Annotated[Path, typer.Option("--pred", help="Folder of predictions: <stem>_labels.png (as `segment` writes) or <stem>.png.")],
