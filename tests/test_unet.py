@@ -221,6 +221,29 @@ def test_state_dict_and_config_round_trip(tmp_path):
         assert torch.equal(clone(x, t, mask, ref), model(x, t, mask, ref))
 
 
+def test_spade_modulation_is_plain_convolutions_as_in_sdm():
+    """SDM's gamma / beta are plain convolutions: a constant mask gives a constant, non-zero shift.
+    MONAI's SPADE instance-normalises them (zero spatial mean): kept only for older records."""
+    torch.manual_seed(0)
+    mask = torch.zeros(1, 3, 16, 16)
+    mask[:, 1] = 1.0  # one class everywhere
+    betas = {}
+    for legacy in (False, True):
+        model = DSDMUNet(tiny_config(spade_modulation_norm=legacy))
+        spade = model.decoder_blocks[0].resnet.norm1
+        with torch.no_grad():
+            betas[legacy] = spade.mlp_beta(spade.mlp_shared(mask))
+    inner = betas[False][..., 2:-2, 2:-2]  # away from the zero padding of the two 3x3 convolutions
+    assert inner.abs().mean() > 1e-3 and inner.std(dim=(2, 3)).max() < 1e-5
+    assert betas[True].mean(dim=(2, 3)).abs().max() < 1e-4  # zero spatial mean: no class-wide shift
+    old_record = tiny_config().to_dict()
+    del old_record["spade_modulation_norm"]
+    assert UNetConfig.from_dict(old_record).spade_modulation_norm is True
+    assert UNetConfig.from_dict(tiny_config().to_dict()).spade_modulation_norm is False
+    # same parameters either way: a checkpoint loads into both
+    DSDMUNet(tiny_config(spade_modulation_norm=True)).load_state_dict(DSDMUNet(tiny_config()).state_dict())
+
+
 def test_spade_weights_initialise_group_backbone():
     """The segmentation backbone (GroupNorm decoder) loads the DSDM weights except the decoder norms."""
     spade = DSDMUNet(tiny_config())

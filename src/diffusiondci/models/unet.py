@@ -105,6 +105,10 @@ class UNetConfig:
     ref_tokens: int = 16  # K tokens per scale from Psi_FC (must be >= 2)
     norm_num_groups: int = 32
     spade_hidden_channels: int = 128  # SDM: 128
+    # MONAI's SPADE builds its gamma / beta convolutions with an InstanceNorm after them (the default
+    # of monai Convolution); SDM's are plain convolutions. False (SDM) is the default; records written
+    # before this field existed were trained with MONAI's and load with True (see from_dict).
+    spade_modulation_norm: bool = False
     use_flash_attention: bool = True  # PyTorch scaled_dot_product_attention
     num_mask_classes: int = field(default=NUM_MASK_CLASSES)
 
@@ -160,8 +164,9 @@ class UNetConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserInputError(f"model config: unknown keys {unknown}; allowed: {sorted(known)}", path)
+        data = {"spade_modulation_norm": True, **data}  # older records: the SPADE they were trained with
         try:
-            return cls(**dict(data))
+            return cls(**data)
         except UserInputError as err:
             raise UserInputError(str(err), path) from None
         except (TypeError, ValueError) as err:
@@ -257,11 +262,18 @@ class DecoderBlock(nn.Module):
         return h
 
 
-def _param_free_spade(block: SPADEDiffResBlock) -> SPADEDiffResBlock:
-    """Make the SPADE base normalisation parameter-free (MONAI builds it with ``affine=True``)."""
+def _param_free_spade(block: SPADEDiffResBlock, modulation_norm: bool = False) -> SPADEDiffResBlock:
+    """Make the SPADE base normalisation parameter-free (MONAI builds it with ``affine=True``) and,
+    unless ``modulation_norm``, its gamma / beta convolutions plain as in SDM (MONAI follows each with
+    an InstanceNorm, which forces zero spatial mean on beta and on gamma). Neither change touches the
+    parameters, so state dicts are the same either way."""
     for spade in (block.norm1, block.norm2):
         gn = spade.param_free_norm
         spade.param_free_norm = nn.GroupNorm(gn.num_groups, gn.num_channels, eps=gn.eps, affine=False)
+        if not modulation_norm:
+            for conv in (spade.mlp_gamma, spade.mlp_beta):
+                if hasattr(conv, "adn"):
+                    conv.adn = nn.Identity()
     return block
 
 
@@ -343,7 +355,8 @@ class DSDMUNet(nn.Module):
                             norm_num_groups=groups,
                             norm_eps=eps,
                             spade_intermediate_channels=cfg.spade_hidden_channels,
-                        )
+                        ),
+                        cfg.spade_modulation_norm,
                     )
                 else:
                     resnet = DiffusionUNetResnetBlock(
