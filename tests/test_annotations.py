@@ -225,3 +225,15 @@ def test_export_scale_offset_simplify_and_min_area(tmp_path):
     assert (back == blob).mean() >= 0.995
     with pytest.raises(ValueError):
         mask_to_geojson(np.full((3, 3), 3, np.uint8))
+
+
+def test_exported_classes_carry_the_overlay_colours():
+    from diffusiondci import LABEL_COLOURS
+    from diffusiondci.data.preview import colour_mask
+
+    mask = np.zeros((40, 40), np.uint8)
+    mask[5:20, 5:20], mask[25:35, 25:35] = 1, 2
+    colours = {f["properties"]["classification"]["name"]: f["properties"]["classification"]["color"]
+               for f in mask_to_geojson(mask)["features"]}
+    assert colours == {"Benign": list(LABEL_COLOURS[1]), "Malignant": list(LABEL_COLOURS[2])}
+    assert colour_mask(np.array([1, 2])).tolist() == [list(LABEL_COLOURS[1]), list(LABEL_COLOURS[2])]

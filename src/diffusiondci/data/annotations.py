@@ -40,7 +40,7 @@ from scipy import ndimage
 from shapely.geometry import GeometryCollection, LinearRing, MultiPolygon, Polygon, box, mapping, shape
 from shapely.geometry.polygon import orient
 
-from .. import CLASS_NAMES
+from .. import CLASS_NAMES, LABEL_COLOURS
 from ..errors import UserInputError
 
 __all__ = [
@@ -53,8 +53,8 @@ __all__ = [
 DEFAULT_CLASS_MAP: dict[str, int] = {
     "background": 0, "benign": 1, "normal": 1, "malignant": 2, "tumor": 2, "tumour": 2, "cancer": 2,
 }
-#: Display colours (RGB) written with exported classes, by label.
-CLASS_COLOURS: dict[int, list[int]] = {1: [0, 200, 200], 2: [230, 40, 40]}
+#: Display colours (RGB) written with exported classes, by label: the overlays' colours.
+CLASS_COLOURS: dict[int, list[int]] = {label: list(LABEL_COLOURS[label]) for label in (1, 2)}
 _UNCLASSIFIED = ("", "unclassified")
 _CLASS_MAP_EXAMPLE = '{"Tumor": 2, "Stroma": 1}'
 _EXACT_TOLERANCE = 0.3  # mask px; pixel centres are >= 0.35 px from the traced boundary

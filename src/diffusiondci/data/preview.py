@@ -11,11 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 
+from .. import LABEL_COLOURS as PACKAGE_LABEL_COLOURS  # noqa: E402
 from .imageio import read_mask, read_rgb  # noqa: E402
 from .patch_dataset import read_manifest  # noqa: E402
 
 #: Paper Fig. 5 colours: blue background, green benign, yellow malignant.
-LABEL_COLOURS = np.array([[40, 70, 200], [40, 180, 60], [250, 220, 40]], np.uint8)
+LABEL_COLOURS = np.array(PACKAGE_LABEL_COLOURS, np.uint8)
 
 
 def colour_mask(mask: np.ndarray) -> np.ndarray:

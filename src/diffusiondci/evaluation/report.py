@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import CLASS_NAMES
+from .. import CLASS_NAMES, LABEL_COLOURS
 from ..errors import UserInputError
 
 #: Longest side of an embedded picture, in pixels.
@@ -60,9 +60,8 @@ MAX_IMAGE_PIXELS = 200_000_000
 #: Files visited before the walk stops (a report on a whole disk is not the point).
 MAX_WALK_FILES = 50_000
 
-#: Label colours of the paper's Fig. 5, as ``data.preview.LABEL_COLOURS`` (not imported: that
-#: module loads torch, which would make the report take seconds longer).
-MASK_COLOURS = ((40, 70, 200), (40, 180, 60), (250, 220, 40))
+#: Label colours of the paper's Fig. 5 (the package's, without importing torch-loading modules).
+MASK_COLOURS = LABEL_COLOURS
 
 SKIP_DIRS = {"checkpoints", "tb", "__pycache__"}
 DATASET_MARKERS = ("dataset.json", "manifest.csv")
