@@ -25,14 +25,14 @@ def bar_plot(summary: list[dict[str, Any]], key: str, metric: str, path: Path, t
     means, stds = _values(summary, metric)
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(labels)), 3.4), dpi=120)
     bars = ax.bar(labels, means, yerr=stds, capsize=4, color="#4c72b0")
-    for b, m in zip(bars, means):
-        ax.annotate(f"{m:.3f}", (b.get_x() + b.get_width() / 2, m), ha="center", va="bottom", fontsize=8,
+    for b, m, sd in zip(bars, means, stds):  # the value above its error bar
+        ax.annotate(f"{m:.3f}", (b.get_x() + b.get_width() / 2, m + sd), ha="center", va="bottom", fontsize=8,
                     xytext=(0, 3), textcoords="offset points")
     ax.set_ylabel(metric.replace("_", " "))
-    ax.set_title(title, fontsize=10)
     n = summary[0].get("n") if summary else None
-    if n:
-        ax.text(0.99, 0.01, f"mean ± std over {n} seeds", transform=ax.transAxes, ha="right", fontsize=7)
+    ax.set_title(title + (f"\nmean ± std over {n} seeds" if n else ""), fontsize=10)
+    if max((len(label) for label in labels), default=0) > 10:  # long names would run into each other
+        plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
