@@ -59,6 +59,7 @@ def test_experiment_runs_end_to_end(name, shared, tmp_path, monkeypatch):
         assert ("dci_labelled_only", "all") in methods
     if name in ("table1", "table2"):
         assert all(r["fd_encoder_mean"] for r in summary) and all(r["miou_generated_mean"] for r in summary)
+        assert all(r["fd_encoder_real_mean"] for r in summary) and all(r["miou_real_mean"] for r in summary)
     # resume: a rerun reuses every finished run and gives the same table
     before = (out / "results.csv").read_text()
     run_experiment(name, shared["data"], out, "tiny", cfg, encoder=shared["encoder"], assets=shared["assets"],

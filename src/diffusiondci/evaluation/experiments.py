@@ -53,6 +53,9 @@ __all__ = ["EXPERIMENTS", "ExperimentConfig", "run_experiment", "summarize"]
 
 Log = Callable[[str], None]
 METRICS = ("mean_dice", "mean_iou", "mean_precision", "mean_recall", "accuracy")
+#: table1 / table2 columns; the ``*_real`` ones are what real images score (a perfect generator)
+GENERATION_METRICS = ("fd_encoder", "fd_encoder_real", "kid_encoder", "fid", "diversity", "miou_generated",
+                      "miou_real")
 
 
 @dataclass
@@ -357,7 +360,7 @@ def table1(ctx: _Ctx) -> None:
             dsdm = ctx.dsdm_variant(name, ctx.data, ctx.encoder_run(), s, decoder_norm=norm, use_reference=use_ref)
             scores = _generation_scores(ctx, dsdm, ctx.data, name, None, s, real_seg)
             rows.append({"variant": variant, "seed": s, **scores})
-    metrics = ("fd_encoder", "kid_encoder", "fid", "diversity", "miou_generated")
+    metrics = GENERATION_METRICS
     summary = _finish(ctx, rows, ["variant"], metrics)
     bar_plot(summary, "variant", "fd_encoder", ctx.out / "table1.png", "Table 1: generator ablation (FD, lower is better)")
 
@@ -401,7 +404,7 @@ def table2(ctx: _Ctx) -> None:
                 tag = f"norm_{norm}_g{guidance:g}_s{s}"
                 scores = _generation_scores(ctx, dsdm, data, tag, guidance, s, real_seg)
                 rows.append({"color_norm": norm, "guidance": guidance, "seed": s, **scores})
-    metrics = ("fd_encoder", "kid_encoder", "fid", "diversity", "miou_generated")
+    metrics = GENERATION_METRICS
     summary = _finish(ctx, rows, ["color_norm", "guidance"], metrics)
     for r in summary:
         r["setting"] = f"norm {r['color_norm']}, s={r['guidance']:g}"

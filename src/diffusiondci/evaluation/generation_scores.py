@@ -10,7 +10,10 @@ sampled once; then
 * ``diversity``: the paper's LPIPS diversity (mean pairwise LPIPS-style distance over the encoder's
   feature maps) among ``diversity_samples`` samples of each of ``diversity_masks`` masks;
 * ``miou_generated``: a segmenter trained on real data segments the generated images; mean IoU
-  against the masks they were conditioned on (how well the layout was followed).
+  against the masks they were conditioned on (how well the layout was followed);
+* ``fd_encoder_real`` and ``miou_real``: the same two measures for ``n_eval`` *real* images (train
+  patches against the test set; the real test patches under the same segmenter), the values a
+  perfect generator would reach, so that the generated ones can be read.
 
 The sample folders are kept (contact sheets and denoising strips go into the report); the scores
 are cached in ``scores.json`` so that a rerun only computes what is missing.
@@ -39,7 +42,11 @@ from .generation_metrics import (
 )
 from .metrics import MetricAccumulator
 
-__all__ = ["score_generator"]
+__all__ = ["SCORE_KEYS", "score_generator"]
+
+#: What :func:`score_generator` returns (a cached ``scores.json`` missing any of them is recomputed).
+SCORE_KEYS = ("fd_encoder", "fd_encoder_real", "kid_encoder", "fid", "diversity", "miou_generated", "miou_real",
+              "n_eval")
 
 
 def _subset_folder(data: Path, ids: list[str], out: Path) -> tuple[Path, Path]:
@@ -63,7 +70,9 @@ def score_generator(
 
     marker = out / "scores.json"
     if marker.is_file():
-        return json.loads(marker.read_text())
+        cached = json.loads(marker.read_text())
+        if all(k in cached for k in SCORE_KEYS):
+            return cached
     test = PatchDataset(data, splits=("test",), cache=False)
     ids = test.ids[: cfg.n_eval]
     eval_masks, eval_refs = _subset_folder(data, ids, out.parent / f"eval_{data.name}")
@@ -80,8 +89,11 @@ def score_generator(
     fake = np.stack([read_rgb(samples / "images" / f"{pid}.png") for pid in ids])
     real = np.stack([read_rgb(data / "images" / f"{pid}.png") for pid in test.ids[:512]])
     f_fake, f_real = feats(fake), feats(real)
+    train = PatchDataset(data, splits=("train",), cache=False)
+    real_train = np.stack([read_rgb(data / "images" / f"{pid}.png") for pid in train.ids[: len(ids)]])
     scores: dict[str, Any] = {
         "fd_encoder": round(frechet_distance(f_fake, f_real), 4),
+        "fd_encoder_real": round(frechet_distance(feats(real_train), f_real), 4),
         "kid_encoder": round(kernel_inception_distance(f_fake, f_real, subsets=50, subset_size=None)[0], 6),
         "fid": None,
     }
@@ -96,14 +108,15 @@ def score_generator(
     ]
     scores["diversity"] = round(diversity(groups, encoder.feature_maps), 5) if cfg.diversity_samples > 1 else None
     seg = load_segmenter(real_seg, device="cpu")
-    acc = MetricAccumulator()
-    with torch.no_grad():
-        for start in range(0, len(ids), 16):
-            chunk = ids[start : start + 16]
-            x = torch.stack([to_tensor_image(img) for img in fake[start : start + 16]])
-            pred = seg.predict(x).argmax(1).numpy()
-            acc.update(pred, np.stack([read_mask(eval_masks / f"{pid}.png") for pid in chunk]))
-    scores["miou_generated"] = round(acc.compute()["mean_iou"], 4)
+    for key, images in (("miou_generated", fake), ("miou_real", real[: len(ids)])):
+        acc = MetricAccumulator()
+        with torch.no_grad():
+            for start in range(0, len(ids), 16):
+                chunk = ids[start : start + 16]
+                x = torch.stack([to_tensor_image(img) for img in images[start : start + 16]])
+                pred = seg.predict(x).argmax(1).numpy()
+                acc.update(pred, np.stack([read_mask(eval_masks / f"{pid}.png") for pid in chunk]))
+        scores[key] = round(acc.compute()["mean_iou"], 4)
     scores["n_eval"] = len(ids)
     write_json_atomic(marker, scores)
     return scores
