@@ -357,7 +357,8 @@ def table1(ctx: _Ctx) -> None:
     for variant, (norm, use_ref) in _VARIANTS.items():
         for s in ctx.cfg.seeds:
             name = f"dsdm_{variant.replace('+', '_')}_s{s}"
-            dsdm = ctx.dsdm_variant(name, ctx.data, ctx.encoder_run(), s, decoder_norm=norm, use_reference=use_ref)
+            dsdm = ctx.dsdm_variant(name, ctx.data, ctx.encoder_run(), s, decoder_norm=norm,
+                                    use_reference=use_ref)
             scores = _generation_scores(ctx, dsdm, ctx.data, name, None, s, real_seg)
             rows.append({"variant": variant, "seed": s, **scores})
     metrics = GENERATION_METRICS

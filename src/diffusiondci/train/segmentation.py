@@ -152,7 +152,8 @@ def choose_labelled(ids: list[str], n: int | None, seed: int, groups: list[str] 
     if groups is not None:
         names = sorted(set(groups))
         if n > len(names):
-            raise UserInputError(f"--labelled {n} asks for more labelled training slides than the {len(names)} there are")
+            raise UserInputError(
+                f"--labelled {n} asks for more labelled training slides than the {len(names)} there are")
         rng = np.random.default_rng(derive_seed(seed, 11))
         picked = {names[int(i)] for i in rng.choice(len(names), size=n, replace=False)}
         return [i for i, g in enumerate(groups) if g in picked]
