@@ -41,7 +41,7 @@ def test_downsampled_mask_samples_pixel_centres(sample, tmp_path):
 def test_errors_and_cli(sample, tmp_path):
     lonely = tmp_path / "lonely"
     lonely.mkdir()
-    png = next((sample / "slides").glob("*.png"))
+    png = next(p for p in sorted((sample / "slides").glob("*.png")) if not p.stem.endswith("_mask"))  # a slide
     (lonely / png.name).write_bytes(png.read_bytes())
     with pytest.raises(UserInputError, match="no <stem>.geojson"):
         rasterize_paths([lonely], tmp_path / "o")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +19,12 @@ import numpy as np
 from diffusiondci.data.slides import DEFAULT_MAX_PIXELS, _open_labels, open_slide
 from diffusiondci.errors import UserInputError
 
-__all__ = ["IMAGE_SUFFIXES", "read_mask", "read_rgb", "write_png_atomic"]
+__all__ = ["IMAGE_SUFFIXES", "find_images", "read_mask", "read_rgb", "write_png_atomic"]
 
 #: File name suffixes treated as images when scanning dataset folders (compare lower-cased).
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+#: Stems of files in an input folder that are not slides (annotations and the toolkit's own outputs).
+SKIP_STEM_SUFFIXES = ("_mask", "_labels", "_overlay")
 
 
 def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -89,3 +92,30 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Image files named directly, plus those in the named folders (not recursive; files whose
+    stem ends in ``_mask``, ``_labels`` or ``_overlay`` are skipped). Stems must be unique."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(sorted(
+                p for p in item.iterdir()
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                and not p.stem.endswith(SKIP_STEM_SUFFIXES)
+            ))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise UserInputError("no such file or folder; give slide images or folders of them", item)
+    if not found:
+        raise UserInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in "
+                             f"{', '.join(str(p) for p in map(Path, inputs))}")
+    seen: dict[str, Path] = {}
+    for path in found:
+        if path.stem in seen and seen[path.stem].resolve() != path.resolve():
+            raise UserInputError(f"two inputs have the stem '{path.stem}' ({seen[path.stem]}); their "
+                                 "outputs would collide: rename one or process them separately", path)
+        seen[path.stem] = path
+    return list(dict.fromkeys(seen.values()))

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import UserInputError
 from .annotations import load_class_map, load_geojson
-from .imageio import IMAGE_SUFFIXES, write_png_atomic
+from .imageio import find_images, write_png_atomic
 from .slides import DEFAULT_MAX_PIXELS, open_slide
 
 __all__ = ["rasterize_annotation", "rasterize_paths"]
@@ -45,26 +45,13 @@ def rasterize_annotation(slide_path: str | Path, geojson_path: str | Path, out_p
     return write_png_atomic(out_path, mask)
 
 
-def _slides(inputs: Iterable[str | Path]) -> list[Path]:
-    found: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found.extend(sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                                and not p.stem.endswith(("_mask", "_labels", "_overlay"))))
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise UserInputError("no such file or folder; give slide images or folders of them", item)
-    return found
-
-
 def rasterize_paths(inputs: Iterable[str | Path], out_dir: str | Path, annotations: str | Path | None = None,
                     class_map_file: str | Path | None = None, downsample: int = 1,
                     max_pixels: int = DEFAULT_MAX_PIXELS, log: Callable[[str], None] | None = None) -> list[Path]:
     """``out_dir/<stem>_mask.png`` for every slide of ``inputs`` that has a ``<stem>.geojson`` (in
     ``annotations``, else beside the slide). Slides without one are listed and skipped; none at all
     is an error. Returns the written files."""
-    slides = _slides(inputs)
+    slides = find_images(inputs)
     class_map = load_class_map(class_map_file) if class_map_file is not None else None
     folders = [Path(annotations)] if annotations is not None else []
     pairs, missing = [], []

@@ -48,14 +48,14 @@ from .experiment_runs import (
     score_row,
     write_rows,
 )
+from .generation_scores import SCORE_KEYS
 
 __all__ = ["EXPERIMENTS", "ExperimentConfig", "run_experiment", "summarize"]
 
 Log = Callable[[str], None]
 METRICS = ("mean_dice", "mean_iou", "mean_precision", "mean_recall", "accuracy")
 #: table1 / table2 columns; the ``*_real`` ones are what real images score (a perfect generator)
-GENERATION_METRICS = ("fd_encoder", "fd_encoder_real", "kid_encoder", "fid", "diversity", "miou_generated",
-                      "miou_real")
+GENERATION_METRICS = tuple(k for k in SCORE_KEYS if k != "n_eval")
 
 
 @dataclass

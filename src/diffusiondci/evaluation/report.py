@@ -60,9 +60,6 @@ MAX_IMAGE_PIXELS = 200_000_000
 #: Files visited before the walk stops (a report on a whole disk is not the point).
 MAX_WALK_FILES = 50_000
 
-#: Label colours of the paper's Fig. 5 (the package's, without importing torch-loading modules).
-MASK_COLOURS = LABEL_COLOURS
-
 SKIP_DIRS = {"checkpoints", "tb", "__pycache__"}
 DATASET_MARKERS = ("dataset.json", "manifest.csv")
 DEFAULT_NAME = "report.html"
@@ -184,7 +181,7 @@ def _png_data_uri(path: Path) -> tuple[str, bool, int]:
     """The PNG as a data URI, downscaled to :data:`MAX_SIDE` px when larger (fully decoded first).
 
     A single-channel picture holding only labels 0-2 is a label mask, which would look black: it is
-    shown in the class colours :data:`MASK_COLOURS` (second value True). The third value is the
+    shown in the class colours :data:`diffusiondci.LABEL_COLOURS` (second value True). The third value is the
     embedded width in pixels.
     """
     import numpy as np
@@ -199,7 +196,7 @@ def _png_data_uri(path: Path) -> tuple[str, bool, int]:
             im.load()  # decodes everything: a truncated file fails here
             is_mask = im.mode == "L" and int(np.asarray(im).max(initial=0)) <= 2
             if is_mask:
-                im = Image.fromarray(np.asarray(MASK_COLOURS, np.uint8)[np.asarray(im)])
+                im = Image.fromarray(np.asarray(LABEL_COLOURS, np.uint8)[np.asarray(im)])
             if im.format == "PNG" and max(im.size) <= MAX_SIDE and not is_mask:
                 data = raw
             else:
@@ -611,8 +608,7 @@ def _json_tables(b: _Builder, paths: list[Path]) -> str:
 
 
 def _metrics(b: _Builder, found: _Found) -> str:
-    parts = []
-    parts.append(_json_tables(b, found.metrics))
+    parts = [_json_tables(b, found.metrics)]
     for p in found.per_image:
         try:
             fields, rows = _read_csv(p)

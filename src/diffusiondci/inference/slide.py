@@ -47,7 +47,7 @@ from tqdm import tqdm
 from .. import CLASS_NAMES, __version__
 from ..data import color
 from ..data.annotations import mask_to_geojson, write_geojson
-from ..data.imageio import IMAGE_SUFFIXES, write_json_atomic, write_png_atomic
+from ..data.imageio import find_images, write_json_atomic, write_png_atomic
 from ..data.patch_dataset import to_tensor_image
 from ..data.slides import DEFAULT_MAX_PIXELS, open_slide
 from ..errors import UserInputError
@@ -62,8 +62,6 @@ BAND_BYTES = 256 * 2**20
 OVERLAY_MAX_SIDE = 2048
 #: Opacity of the class colour over benign and malignant pixels in the overlay (background untinted).
 OVERLAY_ALPHA = 0.45
-#: Stems of files in an input folder that are never segmented (annotations and our own outputs).
-SKIP_STEM_SUFFIXES = ("_mask", "_labels", "_overlay")
 
 
 class Segmenter(Protocol):
@@ -361,11 +359,10 @@ def segment_slide(
     out_dir.mkdir(parents=True, exist_ok=True)
     k = int(label_downsample)
     out_hw = (-(-H // k), -(-W // k))
-    paths = {
-        "labels": write_png_atomic(out_dir / f"{stem}_labels.png", _sample_labels(labels, scale.f, (k, k), out_hw)),
-        "overlay": write_png_atomic(out_dir / f"{stem}_overlay.png", overlay),
-        "geojson": write_geojson(_geojson(labels, scale, H, W), out_dir / f"{stem}.geojson"),
-    }
+    paths = output_paths(out_dir, stem)
+    write_png_atomic(paths["labels"], _sample_labels(labels, scale.f, (k, k), out_hw))
+    write_png_atomic(paths["overlay"], overlay)
+    write_geojson(_geojson(labels, scale, H, W), paths["geojson"])
     record = {
         "input": str(slide_path.resolve()),
         "request": _request(run, window, overlap, color_norm, k),
@@ -382,35 +379,8 @@ def segment_slide(
         },
         **_areas(labels, tissue, scale, H, W, int(getattr(run, "num_classes", 3))),
     }
-    paths["areas"] = write_json_atomic(out_dir / f"{stem}_areas.json", record)
+    write_json_atomic(paths["areas"], record)  # last: its presence marks the slide as done
     return paths
-
-
-def find_images(inputs: Iterable[str | Path]) -> list[Path]:
-    """Image files named directly, plus those in the named folders (not recursive; files whose
-    stem ends in ``_mask``, ``_labels`` or ``_overlay`` are skipped). Stems must be unique."""
-    found: list[Path] = []
-    for item in map(Path, inputs):
-        if item.is_dir():
-            found.extend(sorted(
-                p for p in item.iterdir()
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                and not p.stem.endswith(SKIP_STEM_SUFFIXES)
-            ))
-        elif item.is_file():
-            found.append(item)
-        else:
-            raise UserInputError("no such file or folder; give slide images or folders of them", item)
-    if not found:
-        raise UserInputError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in "
-                             f"{', '.join(str(p) for p in map(Path, inputs))}")
-    seen: dict[str, Path] = {}
-    for path in found:
-        if path.stem in seen and seen[path.stem].resolve() != path.resolve():
-            raise UserInputError(f"two inputs have the stem '{path.stem}' ({seen[path.stem]}); their "
-                                 "outputs would collide: rename one or segment them separately", path)
-        seen[path.stem] = path
-    return list(dict.fromkeys(seen.values()))
 
 
 def _request(run: Segmenter, window: int, overlap: float, color_norm: bool, label_downsample: int) -> dict:
@@ -423,15 +393,19 @@ def _request(run: Segmenter, window: int, overlap: float, color_norm: bool, labe
     }
 
 
+def output_paths(out_dir: Path, stem: str) -> dict[str, Path]:
+    """The four files ``segment`` writes for slide ``stem``."""
+    return {key: out_dir / f"{stem}{suffix}" for key, suffix in
+            (("labels", "_labels.png"), ("overlay", "_overlay.png"), ("geojson", ".geojson"), ("areas", "_areas.json"))}
+
+
 def _finished(path: Path, out_dir: Path, request: dict) -> bool:
     """True when ``out_dir`` holds all four outputs of ``path`` made with the same ``request``."""
-    stem = path.stem
-    record_path = out_dir / f"{stem}_areas.json"
-    outputs = [out_dir / f"{stem}{suffix}" for suffix in ("_labels.png", "_overlay.png", ".geojson")]
-    if not record_path.is_file() or not all(p.is_file() for p in outputs):
+    outputs = output_paths(out_dir, path.stem)
+    if not all(p.is_file() for p in outputs.values()):
         return False
     try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
+        record = json.loads(outputs["areas"].read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return record.get("input") == str(path.resolve()) and record.get("request") == request
@@ -454,9 +428,7 @@ def segment_paths(run: Segmenter, inputs: Iterable[str | Path], out_dir: str | P
     results: dict[str, dict[str, Path]] = {}
     for n, path in enumerate(images, start=1):
         if not overwrite and _finished(path, out_dir, request):
-            results[path.stem] = {key: out_dir / f"{path.stem}{suffix}" for key, suffix in (
-                ("labels", "_labels.png"), ("overlay", "_overlay.png"), ("geojson", ".geojson"),
-                ("areas", "_areas.json"))}
+            results[path.stem] = output_paths(out_dir, path.stem)
             if log is not None:
                 log(f"[{n}/{len(images)}] {path.name}: already segmented with these settings "
                     f"({results[path.stem]['labels']}); --overwrite redoes it")
