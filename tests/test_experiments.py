@@ -10,7 +10,7 @@ import pytest
 
 from diffusiondci.config import build, load_section
 from diffusiondci.errors import UserInputError
-from diffusiondci.evaluation.experiments import EXPERIMENTS, ExperimentConfig, run_experiment, summarize
+from diffusiondci.evaluation.experiments import EXPERIMENTS, ExperimentConfig, paired_gain, run_experiment, summarize
 from tests.test_dsdm import build_inputs, conditional_run
 
 MINIMAL = dict(seeds=[0], encoder_steps=1, dsdm_steps=1, seg_steps=1, sample_steps=2, n_eval=4, diversity_masks=2,
@@ -37,6 +37,22 @@ def test_summary_is_mean_and_std_over_seeds():
     assert out["b"]["n"] == 1 and out["b"]["mean_dice_std"] == 0.0
 
 
+def test_paired_gain_compares_runs_of_the_same_seed_and_budget():
+    def r(m, budget, seed, dice):
+        return {"m": m, "budget": budget, "seed": seed, "mean_dice": dice}
+
+    data = [r("plain", "8", 0, 0.30), r("plain", "8", 1, 0.50), r("dci", "8", 0, 0.35), r("dci", "8", 1, 0.45),
+            r("dci", "8", 2, 0.90),  # no plain run of seed 2: not paired
+            r("plain", "all", 0, 0.10), r("dci", "all", 0, 0.20)]
+    out = {(g["m"], g["budget"]): g for g in paired_gain(data, "m", "plain", within=("budget",), metrics=("mean_dice",))}
+    assert set(out) == {("dci", "8"), ("dci", "all")}
+    assert out[("dci", "8")]["n"] == 2 and out[("dci", "8")]["mean_dice_wins"] == "1/2"
+    assert out[("dci", "8")]["mean_dice_gain_mean"] == pytest.approx(0.0)
+    assert out[("dci", "8")]["mean_dice_gain_std"] == pytest.approx(0.05)
+    assert out[("dci", "all")]["mean_dice_gain_mean"] == pytest.approx(0.1)
+    assert out[("dci", "all")]["mean_dice_wins"] == "1/1"
+
+
 @pytest.mark.parametrize("name", sorted(EXPERIMENTS))
 def test_experiment_runs_end_to_end(name, shared, tmp_path, monkeypatch):
     cfg = build(ExperimentConfig, load_section("tiny", "experiment"), **MINIMAL)
@@ -57,6 +73,8 @@ def test_experiment_runs_end_to_end(name, shared, tmp_path, monkeypatch):
         methods = {(r["method"], r["labelled"]) for r in summary}
         assert ("plain_unet", "4") in methods and ("dci_with_unlabelled_synthetic", "4") in methods
         assert ("dci_labelled_only", "all") in methods
+        gains = {(r["method"], r["labelled"]) for r in rows(out / "paired.csv")}
+        assert gains == methods - {("plain_unet", "4"), ("plain_unet", "all")}
     if name in ("table1", "table2"):
         assert all(r["fd_encoder_mean"] for r in summary) and all(r["miou_generated_mean"] for r in summary)
         assert all(r["fd_encoder_real_mean"] for r in summary) and all(r["miou_real_mean"] for r in summary)

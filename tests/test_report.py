@@ -57,6 +57,8 @@ def tree(tmp_path: Path) -> dict:
     write_json(root / "experiment.json", {"name": "label budget <pilot>", "settings": {"fractions": [0.1, 1.0]}})
     write_csv(root / "summary.csv", [{"fraction": 0.1, "dice_mean": 0.81234567, "dice_std": 0.0123, "n": 2},
                                      {"fraction": 1.0, "dice_mean": 0.9, "dice_std": 0.01, "n": 2}])
+    write_csv(root / "paired.csv", [{"method": "dci", "fraction": 0.1, "n": 2, "dice_gain_mean": 0.0412,
+                                     "dice_gain_std": 0.0051, "dice_wins": "2/2"}])
     write_csv(root / "results.csv",
               [{"fraction": f, "seed": s, "dice": 0.8 + 0.01 * s} for f in (0.1, 1) for s in (0, 1)])
     blobs["plot"] = png(root / "label_budget.png", seed=1)
@@ -151,6 +153,9 @@ def test_report_is_self_contained_and_complete(tree: dict) -> None:
     # tables: run overview, mean ± std, 4 significant digits, per-class, probe grid, class areas
     assert "segment" in found["overview"] and "5 / 5" in found["overview"] and "&lt;glas&gt;" in found["overview"]
     assert "dice (mean ± std)" in found["experiments"] and "0.8123 ± 0.0123" in found["experiments"]
+    assert "dice_gain (mean ± std)" in found["experiments"]
+    assert "0.0412 ± 0.0051" in found["experiments"]
+    assert "2/2" in found["experiments"]
     assert "<details>" in found["experiments"] and "raw results" in found["experiments"]
     assert "0.1235" in found["metrics"] and "0.123456789" not in found["metrics"]
     assert re.search(r"<td>dice</td><td class=\"num\">0.99</td><td class=\"num\">0.7</td><td>—</td>", found["metrics"])

@@ -17,7 +17,8 @@ reused, unfinished ones resumed, so an interrupted experiment continues where it
 ``table6``         baselines in one harness: plain U-Net, denoising U-Net, ddpm-segmentation pixel
                    classifier, DiffusionDCI (CAA + synthetic pairs)
 ``label-budget``   N labelled images in {8, 16, 32, all}: plain U-Net vs DiffusionDCI with DSDM trained
-                   on labelled only / + unlabelled images, with and without synthetic pairs
+                   on labelled only / + unlabelled images, with and without synthetic pairs; also
+                   ``paired.csv``: each method's gain over the plain U-Net of the same seed (same slides)
 =================  ================================================================================
 """
 
@@ -50,7 +51,7 @@ from .experiment_runs import (
 )
 from .generation_scores import SCORE_KEYS
 
-__all__ = ["EXPERIMENTS", "ExperimentConfig", "run_experiment", "summarize"]
+__all__ = ["EXPERIMENTS", "ExperimentConfig", "paired_gain", "run_experiment", "summarize"]
 
 Log = Callable[[str], None]
 METRICS = ("mean_dice", "mean_iou", "mean_precision", "mean_recall", "accuracy")
@@ -184,6 +185,31 @@ def summarize(rows: list[dict[str, Any]], keys: list[str], metrics: tuple[str, .
             vals = np.array([float(r[m]) for r in members if r.get(m) is not None], dtype=float)
             row[f"{m}_mean"] = round(float(vals.mean()), 4) if vals.size else None
             row[f"{m}_std"] = round(float(vals.std()), 4) if vals.size else None
+        out.append(row)
+    return out
+
+
+def paired_gain(rows: list[dict[str, Any]], key: str, baseline: str, within: tuple[str, ...] = (),
+                pair: str = "seed", metrics: tuple[str, ...] = ("mean_dice", "mean_iou")) -> list[dict[str, Any]]:
+    """Each ``key`` value against ``baseline``, run by run: for the rows that share ``within`` and
+    ``pair`` (e.g. the same label budget and seed, hence the same labelled slides) the difference
+    ``metric - baseline's metric``; per ``key`` x ``within`` group its mean and population std over
+    the pairs, and ``<metric>_wins``: how many pairs it is above the baseline, as "k/n"."""
+    base = {tuple(r[k] for k in within) + (r[pair],): r for r in rows if r[key] == baseline}
+    groups: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in rows:
+        match = base.get(tuple(r[k] for k in within) + (r[pair],))
+        if r[key] != baseline and match is not None:
+            groups.setdefault((r[key],) + tuple(r[k] for k in within), []).append((r, match))
+    out = []
+    for group, pairs in groups.items():
+        row: dict[str, Any] = dict(zip((key, *within), group))
+        row["n"] = len(pairs)
+        for m in metrics:
+            d = np.array([float(a[m]) - float(b[m]) for a, b in pairs if a.get(m) is not None and b.get(m) is not None])
+            row[f"{m}_gain_mean"] = round(float(d.mean()), 4) if d.size else None
+            row[f"{m}_gain_std"] = round(float(d.std()), 4) if d.size else None
+            row[f"{m}_wins"] = f"{int((d > 0).sum())}/{d.size}"
         out.append(row)
     return out
 
@@ -325,6 +351,11 @@ def label_budget(ctx: _Ctx) -> None:
                                      injection="caa", init="dsdm", seed=s, synthetic=synth, synthetic_ratio=ratio)
                     rows.append({**common, "method": method + "_synthetic", **score_row(scores)})
     summary = _finish(ctx, rows, ["method", "labelled"])
+    gains = paired_gain(rows, "method", "plain_unet", within=("labelled",))
+    write_rows(ctx.out / "paired.csv", gains)
+    for r in gains:
+        ctx.log(f"  {r['method']} vs plain_unet, N={r['labelled']}: Dice gain {r['mean_dice_gain_mean']}"
+                f"±{r['mean_dice_gain_std']}, above it in {r['mean_dice_wins']} seeds")
     line_plot(summary, "labelled", "mean_dice", ctx.out / "label_budget.png", "Label budget: test Dice vs N",
               xlabel=f"labelled training {unit}s N", group="method")
 

@@ -11,7 +11,8 @@ material for, in this order:
 
 1. overview: title, date, folder and one row per run (a folder with ``config.json``);
 2. experiment results: ``experiment.json``, ``summary.csv`` (``X_mean`` / ``X_std`` columns shown as
-   ``mean ± std``), ``results.csv`` (collapsible) and the PNG plots beside them;
+   ``mean ± std``), ``paired.csv`` (gains over a baseline, same seed), ``results.csv`` (collapsible)
+   and the PNG plots beside them;
 3. metrics tables: every ``metrics.json`` (nested dicts flattened, per-class values as a class
    table, numbers to 4 significant digits) and ``per_image.csv`` (collapsible);
 4. training curves drawn from every ``log.csv`` with matplotlib (Agg canvas, no pyplot state);
@@ -481,7 +482,10 @@ def _experiments(b: _Builder, found: _Found) -> str:
                     parts.append(f"<p>{_e(_fmt(info))}</p>")
             except _Unreadable as exc:
                 b.warn(exp / "experiment.json", exc)
-        for name, collapsed in (("summary.csv", False), ("results.csv", True)):
+        for name, caption in (("summary.csv", "Summary over seeds (mean ± standard deviation):"),
+                              ("paired.csv", "Gain over the baseline run of the same seed (mean ± standard deviation "
+                                             "over seeds; wins: seeds above the baseline):"),
+                              ("results.csv", None)):
             p = exp / name
             if not p.is_file():
                 continue
@@ -490,11 +494,11 @@ def _experiments(b: _Builder, found: _Found) -> str:
             except _Unreadable as exc:
                 b.warn(p, exc)
                 continue
-            if collapsed:
+            if caption is None:
                 parts.append(_details(f"raw results, one row per run and seed ({len(rows)} rows)",
                                       _csv_table(fields, rows)))
             else:
-                parts.append("<p>Summary over seeds (mean ± standard deviation):</p>")
+                parts.append(f"<p>{_e(caption)}</p>")
                 parts.append(_mean_std_table(fields, rows))
         pngs = sorted(p for p in found.pngs if p.parent == exp)
         parts.append(b.figures(pngs, budget=budget))
