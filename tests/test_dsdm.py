@@ -189,10 +189,10 @@ def test_reference_model_needs_an_encoder(inputs, tmp_path):
 def test_resume_matches_uninterrupted(inputs, tmp_path):
     kw = dict(steps=4, ckpt_every=2, sample_every=0)  # 9 training patches, batch 4: crosses an epoch
     full = train_dsdm(inputs["data"], tmp_path / "full", micro_config(**kw), encoder_run=inputs["encoder"],
-                      progress=False)
+                      progress=False, device="cpu")
     part = train_dsdm(inputs["data"], tmp_path / "part", micro_config(**{**kw, "steps": 2}),
-                      encoder_run=inputs["encoder"], progress=False)
-    train_dsdm(inputs["data"], part, micro_config(**kw), encoder_run=inputs["encoder"], resume=True, progress=False)
+                      encoder_run=inputs["encoder"], progress=False, device="cpu")
+    train_dsdm(inputs["data"], part, micro_config(**kw), encoder_run=inputs["encoder"], resume=True, progress=False, device="cpu")
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(str(full / "checkpoints" / "latest" / name))
         b = load_file(str(part / "checkpoints" / "latest" / name))
@@ -202,7 +202,7 @@ def test_resume_matches_uninterrupted(inputs, tmp_path):
     # a different setting cannot resume the run
     with pytest.raises(UserInputError, match="configuration differs"):
         train_dsdm(inputs["data"], part, micro_config(**{**kw, "lr": 5e-4}), encoder_run=inputs["encoder"],
-                   resume=True, progress=False)
+                   resume=True, progress=False, device="cpu")
 
 
 def test_wrong_checkpoint_rejected(inputs, tmp_path_factory, tmp_path):
@@ -235,7 +235,7 @@ DDP_SCRIPT = textwrap.dedent(
                  norm_num_groups=8, spade_hidden_channels=16, ref_tokens=4)
     cfg = DSDMConfig(unet="tiny", unet_overrides=micro, batch_size=2, steps=2, ema_decay=0.9, log_every=1,
                      ckpt_every=2)
-    train_dsdm(data, run, cfg, encoder_run=enc, progress=False)
+    train_dsdm(data, run, cfg, encoder_run=enc, progress=False, device="cpu")
     D.cleanup()
     """
 )

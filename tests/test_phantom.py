@@ -203,7 +203,7 @@ def test_geojson_polygon_with_hole_and_island():
 
 def test_write_sample_runtime(default_sample):
     _, seconds = default_sample
-    assert seconds < 10
+    assert seconds < 30  # a few seconds on a 2-core CPU; generous, as the suite may share the machine
 
 
 def test_write_sample_layout(default_sample):

@@ -373,7 +373,7 @@ DDP_SCRIPT = textwrap.dedent(
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     tr = Trainer(run_dir, model, opt, ds, batch_size=2, step_fn=step_fn, max_steps=max_steps, seed=3,
-                 log_every=1, ckpt_every=2, resume=resume, config={"task": "ddp"}, progress=False)
+                 log_every=1, ckpt_every=2, resume=resume, config={"task": "ddp"}, progress=False, device="cpu")
     tr.fit()
     r = tr.dist.rank
     assert tr.dist.world_size == 2
@@ -389,6 +389,23 @@ def _torchrun(script: Path, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(script), *args]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    """torchrun --nproc_per_node=2 on a one-GPU machine: rank 1 must say why, not hang or crash in CUDA."""
+    from diffusiondci.train import distributed as D
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: pytest.fail("set_device reached"))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserInputError, match=r"cuda:1 asked for \(LOCAL_RANK=1\) but only 1 CUDA GPU"):
+        D.init_distributed()
+    with pytest.raises(UserInputError, match="--nproc_per_node"):
+        D.init_distributed("cuda")  # an index-less --device takes LOCAL_RANK too
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(UserInputError, match="cuda:3 asked for"):
+        D.init_distributed("cuda:3")
 
 
 def test_ddp_two_processes_gloo_matches_single_process(tmp_path):

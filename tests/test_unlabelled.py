@@ -262,7 +262,7 @@ def test_dsdm_trains_on_unlabelled_and_never_reads_their_masks(mixed, encoder_ru
     train = [r for r in manifest(ds) if r["split"] == "train"]
     n_lab = sum(r["labelled"] == "1" for r in train)
     kw = dict(batch_size=4, steps=2, ckpt_every=2, **NO_DROP)
-    clean = train_dsdm(ds, tmp_path / "clean", micro_config(**kw), encoder_run=encoder_run, progress=False)
+    clean = train_dsdm(ds, tmp_path / "clean", micro_config(**kw), encoder_run=encoder_run, progress=False, device="cpu")
     record = json.loads((clean / "dsdm.json").read_text())["data"]
     assert (record["num_labelled_train_patches"], record["num_unlabelled_train_patches"]) == (n_lab, len(train) - n_lab)
     # no dropouts: kept_mask = labelled share of the batch, so < 1 shows a mixed batch got NULL masks
@@ -278,13 +278,13 @@ def test_dsdm_trains_on_unlabelled_and_never_reads_their_masks(mixed, encoder_ru
             Image.fromarray(np.full((32, 32), 2, np.uint8)).save(path)
     # interrupted after one step and resumed: still bit-identical to the clean, uninterrupted run
     part = train_dsdm(ds, tmp_path / "part", micro_config(**{**kw, "steps": 1}), encoder_run=encoder_run,
-                      progress=False)
-    train_dsdm(ds, part, micro_config(**kw), encoder_run=encoder_run, resume=True, progress=False)
+                      progress=False, device="cpu")
+    train_dsdm(ds, part, micro_config(**kw), encoder_run=encoder_run, resume=True, progress=False, device="cpu")
     a, b = _weights(clean), _weights(part)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
     only = train_dsdm(ds, tmp_path / "only", micro_config(**{**kw, "steps": 1}, use_unlabelled=False),
-                      encoder_run=encoder_run, progress=False)
+                      encoder_run=encoder_run, progress=False, device="cpu")
     record = json.loads((only / "dsdm.json").read_text())["data"]
     assert (record["num_labelled_train_patches"], record["num_unlabelled_train_patches"]) == (n_lab, 0)
     assert [float(r["kept_mask"]) for r in csv.DictReader((only / "log.csv").open())] == [1.0]

@@ -69,6 +69,12 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device(f"cuda:{local_rank}")
     if dev.type == "cuda":
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UserInputError(
+                f"{dev} asked for (LOCAL_RANK={local_rank}) but only {count} CUDA GPU(s) are visible: use --device "
+                "cuda:0 up to the last GPU, start at most one process per GPU (torchrun --nproc_per_node), or --device cpu"
+            )
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
