@@ -192,7 +192,8 @@ def test_resume_matches_uninterrupted(inputs, tmp_path):
                       progress=False, device="cpu")
     part = train_dsdm(inputs["data"], tmp_path / "part", micro_config(**{**kw, "steps": 2}),
                       encoder_run=inputs["encoder"], progress=False, device="cpu")
-    train_dsdm(inputs["data"], part, micro_config(**kw), encoder_run=inputs["encoder"], resume=True, progress=False, device="cpu")
+    train_dsdm(inputs["data"], part, micro_config(**kw), encoder_run=inputs["encoder"], resume=True, progress=False,
+               device="cpu")
     for name in ("model.safetensors", "ema.safetensors"):
         a = load_file(str(full / "checkpoints" / "latest" / name))
         b = load_file(str(part / "checkpoints" / "latest" / name))

@@ -262,7 +262,8 @@ def test_dsdm_trains_on_unlabelled_and_never_reads_their_masks(mixed, encoder_ru
     train = [r for r in manifest(ds) if r["split"] == "train"]
     n_lab = sum(r["labelled"] == "1" for r in train)
     kw = dict(batch_size=4, steps=2, ckpt_every=2, **NO_DROP)
-    clean = train_dsdm(ds, tmp_path / "clean", micro_config(**kw), encoder_run=encoder_run, progress=False, device="cpu")
+    clean = train_dsdm(ds, tmp_path / "clean", micro_config(**kw), encoder_run=encoder_run, progress=False,
+                       device="cpu")
     record = json.loads((clean / "dsdm.json").read_text())["data"]
     assert (record["num_labelled_train_patches"], record["num_unlabelled_train_patches"]) == (n_lab, len(train) - n_lab)
     # no dropouts: kept_mask = labelled share of the batch, so < 1 shows a mixed batch got NULL masks

@@ -72,8 +72,9 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:
             raise UserInputError(
-                f"{dev} asked for (LOCAL_RANK={local_rank}) but only {count} CUDA GPU(s) are visible: use --device "
-                "cuda:0 up to the last GPU, start at most one process per GPU (torchrun --nproc_per_node), or --device cpu"
+                f"{dev} asked for (LOCAL_RANK={local_rank}) but only {count} CUDA GPU(s) are visible: use "
+                "--device cuda:0 up to the last GPU, start at most one process per GPU (torchrun --nproc_per_node), "
+                "or --device cpu"
             )
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
