@@ -60,7 +60,7 @@ def test_train_encoder_resume_matches_uninterrupted(dataset, tmp_path):
     full = train_encoder(dataset, tmp_path / "full", tiny(steps=6, ckpt_every=3, log_every=1), **cpu)
     part = train_encoder(dataset, tmp_path / "part", tiny(steps=3, ckpt_every=3, log_every=1), **cpu)
     # "killed" after 3 steps: resume the same run to 6 steps
-    train_encoder(dataset, part, tiny(steps=6, ckpt_every=3, log_every=1), resume=True, progress=False, device="cpu")
+    train_encoder(dataset, part, tiny(steps=6, ckpt_every=3, log_every=1), resume=True, **cpu)
     a = load_file(str(full / "encoder" / "encoder.safetensors"))
     b = load_file(str(part / "encoder" / "encoder.safetensors"))
     assert a.keys() == b.keys()
