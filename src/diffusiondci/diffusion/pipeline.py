@@ -43,6 +43,7 @@ from ..data.imageio import IMAGE_SUFFIXES, read_mask, read_rgb, write_json_atomi
 from ..data.patch_dataset import PatchDataset, read_dataset_meta, to_tensor_image, to_uint8_image
 from ..data.prepare import DATASET_FORMAT, MANIFEST_COLUMNS, class_fractions, write_manifest
 from ..data.preview import colour_mask  # paper Fig. 5 colours
+from ..device import resolve_device
 from ..errors import UserInputError
 from ..models.reference_encoder import ReferenceEncoder, load_encoder
 from ..models.unet import DSDMUNet, UNetConfig
@@ -141,7 +142,7 @@ def load_dsdm(
         pass
     sched = record["schedule"]
     schedule = DiffusionSchedule(int(sched.get("num_timesteps", 1000)), sched.get("noise_schedule", "cosine"))
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = resolve_device(device)
     encoder = None
     if cfg.use_reference:
         enc_dir = run_dir / ((record.get("encoder") or {}).get("dir") or "encoder")
@@ -154,10 +155,6 @@ def load_dsdm(
         encoder.to(dev).eval()
     model.to(dev).eval()
     return model, schedule, DSDMRun(run_dir=run_dir, record=record, checkpoint=resolved, step=step, encoder=encoder)
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------------------

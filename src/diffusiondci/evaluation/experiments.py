@@ -195,12 +195,14 @@ def paired_gain(rows: list[dict[str, Any]], key: str, baseline: str, within: tup
     ``pair`` (e.g. the same label budget and seed, hence the same labelled slides) the difference
     ``metric - baseline's metric``; per ``key`` x ``within`` group its mean and population std over
     the pairs, and ``<metric>_wins``: how many pairs it is above the baseline, as "k/n"."""
-    base = {tuple(r[k] for k in within) + (r[pair],): r for r in rows if r[key] == baseline}
+    def same(r: dict[str, Any]) -> tuple:
+        return tuple(r[k] for k in (*within, pair))
+
+    base = {same(r): r for r in rows if r[key] == baseline}
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     for r in rows:
-        match = base.get(tuple(r[k] for k in within) + (r[pair],))
-        if r[key] != baseline and match is not None:
-            groups.setdefault((r[key],) + tuple(r[k] for k in within), []).append((r, match))
+        if r[key] != baseline and same(r) in base:
+            groups.setdefault((r[key], *same(r)[:-1]), []).append((r, base[same(r)]))
     out = []
     for group, pairs in groups.items():
         row: dict[str, Any] = dict(zip((key, *within), group))

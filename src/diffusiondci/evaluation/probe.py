@@ -46,6 +46,7 @@ from diffusiondci import NUM_CLASSES
 
 from ..data.imageio import write_json_atomic
 from ..data.patch_dataset import PatchDataset
+from ..device import resolve_device
 from ..errors import UserInputError
 from ..segmentation.features import DiffusionFeatureExtractor, paper_probe_timesteps
 from ..train.loop import derive_seed
@@ -198,10 +199,6 @@ def fit_pixel_classifier(
 
 
 # ----------------------------------------------------------------------------- data and features
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _subset(n: int, k: int | None, seed: int, tag: int) -> list[int]:
@@ -468,7 +465,7 @@ def run_probe(
     """
     cfg = cfg or ProbeConfig()
     data, dsdm_run, out_dir = Path(data), Path(dsdm_run), Path(out_dir)
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = resolve_device(device)
     base, info = _load_extractor(dsdm_run, checkpoint, dev, cfg.seed)
     n_blocks, n_t = base.dsdm.num_decoder_blocks, base.schedule.num_timesteps
     blocks = cfg.blocks if cfg.blocks is not None else list(range(n_blocks))
@@ -569,7 +566,7 @@ def pixel_classifier_baseline(
     if ensemble < 1:
         raise UserInputError(f"ensemble must be >= 1, got {ensemble}")
     data, dsdm_run = Path(data), Path(dsdm_run)
-    dev = torch.device(device) if device is not None else _default_device()
+    dev = resolve_device(device)
     base, info = _load_extractor(dsdm_run, checkpoint, dev, cfg.seed)
     extractor = _with_grid(base, blocks, timesteps)
     train_x, train_y, train_ids = _load_split(data, "train", max_images, cfg.seed, 0)

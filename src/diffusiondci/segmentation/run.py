@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..device import resolve_device
 from ..train.segmentation import load_model_weights
 from .model import SegmentationModel
 
@@ -56,7 +57,7 @@ def load_segmenter(
     run_dir: str | Path, checkpoint: str = "best", device: str | torch.device | None = None
 ) -> SegmenterRun:
     """Load a ``train-seg`` run folder (``checkpoint``: best (falls back to latest), latest, step_<N>)."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     model, record, resolved = load_model_weights(run_dir, checkpoint)
     model.to(dev).eval()
     return SegmenterRun(run_dir=Path(run_dir), model=model, record=record, checkpoint=resolved, device=dev)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import UserInputError
+from ..device import resolve_device
 
 
 @dataclass(frozen=True)
@@ -57,25 +57,8 @@ def init_distributed(device: str | torch.device | None = None, timeout_s: float 
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
-    if device is None:
-        dev = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, TypeError) as exc:
-            raise UserInputError(f"unknown --device {device!r}; use cpu, cuda or cuda:N") from exc
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise UserInputError(f"--device {device} asked for, but torch sees no CUDA GPU here; use --device cpu")
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
+    dev = resolve_device(device, local_rank)
     if dev.type == "cuda":
-        count = torch.cuda.device_count()
-        if dev.index is not None and dev.index >= count:
-            raise UserInputError(
-                f"{dev} asked for (LOCAL_RANK={local_rank}) but only {count} CUDA GPU(s) are visible: use "
-                "--device cuda:0 up to the last GPU, start at most one process per GPU (torchrun --nproc_per_node), "
-                "or --device cpu"
-            )
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
