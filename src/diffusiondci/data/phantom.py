@@ -1,7 +1,10 @@
 """The embedded sample: small, seeded, procedurally generated DCI-like whole slides.
 
 Tests and ``diffusiondci demo`` need slides, masks, annotations and patient groups without any
-download, so this module draws them (numpy + scipy.ndimage + scikit-image only, no learning).
+download, so this module draws them (numpy + scipy.ndimage + scikit-image only, no learning):
+:func:`generate_slide` puts together one slide and :func:`write_sample` writes a sample to disk;
+the drawing itself lives in :mod:`.phantom_layout` (where tissue, lesions and fat lie) and
+:mod:`.phantom_render` (their DCI colours and the per-tile acquisition casts).
 
 What is imitated (paper §IV-B1 and §V-A "Dataset"):
 
@@ -50,7 +53,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import os
 import shutil
 from collections.abc import Sequence
@@ -58,9 +60,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from ..errors import UserInputError
+from .phantom_layout import _dilate, _erode, _fat_vacuoles, _lobules, _malignant_region, _tissue_outline
+from .phantom_render import TileCasts, _apply_casts, _render
 
 __all__ = ["PhantomSlide", "SampleInfo", "TileCasts", "generate_slide", "mask_to_geojson", "write_sample"]
 
@@ -68,25 +71,6 @@ __all__ = ["PhantomSlide", "SampleInfo", "TileCasts", "generate_slide", "mask_to
 TIFF_TILE = 256
 
 _MIN_SIDE = 64
-# Pixel-scale constants: the phantom has a fixed "magnification" whatever the slide size.
-_CELL_SIGMA = 1.2            # radius-ish of a benign / stromal cell (px)
-_TUMOUR_SIGMAS = (1.4, 2.3)  # two cell sizes in malignant regions (pleomorphism)
-_TUMOUR_DENSITY = 1 / 16     # malignant cells per px^2 (before nest modulation)
-
-
-@dataclass
-class TileCasts:
-    """Per-acquisition-tile colour casts: ``rgb = clean * gain * vignette + offset`` on tissue.
-
-    ``gain`` and ``offset`` are ``rows x cols x 3`` (offset in 0-255 grey levels), ``vignette`` is the
-    relative brightness loss at a tile corner (``rows x cols``); tile ``(i, j)`` covers rows
-    ``[i * tile_size, (i + 1) * tile_size)`` and the same for columns.
-    """
-
-    tile_size: int
-    gain: np.ndarray
-    offset: np.ndarray
-    vignette: np.ndarray
 
 
 @dataclass
@@ -114,346 +98,6 @@ class SampleInfo:
     groups: dict[str, str]
     clean: dict[str, Path]
     truth: dict[str, Path] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------------------------------
-# random fields
-
-
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
-    """Zero-mean, unit-std noise with features about ``scale`` px wide (drawn coarse, upsampled)."""
-    h, w = shape
-    scale = max(float(scale), 1.0)
-    small_shape = (int(math.ceil(h / scale)) + 3, int(math.ceil(w / scale)) + 3)
-    small = ndi.gaussian_filter(rng.standard_normal(small_shape, dtype=np.float32), 1.0, mode="wrap")
-    # cubic spline up to a quarter of the final factor, then bilinear (smooth enough, 3x faster)
-    fine = 4.0 if scale >= 8 else 1.0
-    big = ndi.zoom(small, scale / fine, order=3)
-    if fine > 1:
-        big = ndi.zoom(big, fine, order=1)
-    off = int(scale)
-    big = big[off : off + h, off : off + w]
-    if big.shape != (h, w):  # rounding in zoom (at most a pixel)
-        big = np.pad(big, ((0, h - big.shape[0]), (0, w - big.shape[1])), mode="edge")
-    return ((big - big.mean()) / (big.std() + 1e-8)).astype(np.float32)
-
-
-def _disk(radius: float) -> np.ndarray:
-    r = int(math.ceil(radius))
-    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
-    return (yy * yy + xx * xx) <= radius * radius
-
-
-def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Dilation by a disk of ``radius`` (Euclidean distance transform: O(N) whatever the radius)."""
-    return ndi.distance_transform_edt(~mask) <= radius
-
-
-def _erode(mask: np.ndarray, radius: float) -> np.ndarray:
-    """Erosion by a disk of ``radius`` (pixels farther than ``radius`` from the outside)."""
-    return ndi.distance_transform_edt(np.pad(mask, 1, constant_values=False))[1:-1, 1:-1] > radius
-
-
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndi.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    return lab == int(np.argmax(sizes))
-
-
-def _remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
-    lab, n = ndi.label(mask)
-    if n == 0:
-        return mask
-    sizes = np.bincount(lab.ravel())
-    keep = sizes >= min_size
-    keep[0] = False
-    return keep[lab]
-
-
-# --------------------------------------------------------------------------------------------------
-# layout: tissue outline, malignant region, benign lobules, fat
-
-
-def _tissue_outline(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
-    """An irregular piece of tissue (ellipse perturbed by two scales of smooth noise), holes filled."""
-    h, w = shape
-    side = min(h, w)
-    cy, cx = h / 2 + rng.uniform(-0.05, 0.05) * h, w / 2 + rng.uniform(-0.05, 0.05) * w
-    ry, rx = rng.uniform(0.36, 0.46) * h, rng.uniform(0.36, 0.46) * w
-    angle = rng.uniform(0, math.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    dy, dx = yy - cy, xx - cx
-    u = (dx * math.cos(angle) + dy * math.sin(angle)) / rx
-    v = (-dx * math.sin(angle) + dy * math.cos(angle)) / ry
-    field_ = 1.0 - np.sqrt(u * u + v * v)
-    field_ += 0.16 * _smooth_noise(rng, shape, side / 5) + 0.05 * _smooth_noise(rng, shape, side / 24)
-    outline = _largest_component(field_ > 0)
-    return ndi.binary_fill_holes(outline)
-
-
-def _malignant_region(rng: np.random.Generator, outline: np.ndarray, fraction: float) -> np.ndarray:
-    """Irregular invasive blobs covering ``fraction`` of the tissue (a thresholded smooth field)."""
-    h, w = outline.shape
-    side = min(h, w)
-    ys, xs = np.nonzero(outline)
-    k = rng.integers(len(ys))
-    fy, fx = ys[k], xs[k]  # a focus the tumour grows around
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    dist = np.sqrt((yy - fy) ** 2 + (xx - fx) ** 2) / side
-    field_ = _smooth_noise(rng, outline.shape, side / 6) + 0.4 * _smooth_noise(rng, outline.shape, side / 16)
-    field_ -= 3.0 * dist
-    inner = _erode(outline, 4)
-    thr = np.quantile(field_[inner], 1.0 - fraction * outline.sum() / max(inner.sum(), 1))
-    region = (field_ > thr) & inner
-    region = ndi.binary_opening(region, _disk(3))
-    region = _remove_small(region, 600)
-    region = ~_remove_small(~region, 400)  # fill small holes, as an annotator's outline would
-    return region & outline
-
-
-def _lobules(
-    rng: np.random.Generator,
-    available: np.ndarray,
-    target_px: int,
-    radius_range: tuple[float, float] = (34, 62),
-    max_lobules: int = 1000,
-) -> tuple[np.ndarray, list[tuple[float, float, float]]]:
-    """Place lobules (clusters of acini) and ducts in ``available`` until ``target_px`` are covered.
-
-    Returns the benign region (union of lobule envelopes) and the acini as ``(y, x, radius)``.
-    """
-    h, w = available.shape
-    wobble = _smooth_noise(rng, (h, w), 10)
-    benign = np.zeros((h, w), bool)
-    acini: list[tuple[float, float, float]] = []
-    free = available.copy()
-    placed = 0
-    for _ in range(80):
-        if benign.sum() >= target_px or placed >= max_lobules:
-            break
-        ys, xs = np.nonzero(free)
-        if len(ys) == 0:
-            break
-        k = rng.integers(len(ys))
-        cy, cx = float(ys[k]), float(xs[k])
-        radius = rng.uniform(*radius_range)
-        duct = rng.random() < 0.25 and radius >= 30
-        y0, y1 = max(int(cy - radius - 8), 0), min(int(cy + radius + 9), h)
-        x0, x1 = max(int(cx - radius - 8), 0), min(int(cx + radius + 9), w)
-        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
-        d = np.sqrt((yy - cy) ** 2 + (xx - cx) ** 2)
-        env = (d / radius + 0.12 * wobble[y0:y1, x0:x1]) < 1.0
-        inside = env & available[y0:y1, x0:x1]
-        if inside.sum() < 0.8 * env.sum():
-            free[int(cy), int(cx)] = False
-            continue
-        new: list[tuple[float, float, float]] = []
-        if duct:  # one large duct, a few acini around it
-            new.append((cy, cx, rng.uniform(14, min(24, radius - 12))))
-        for _try in range(60):
-            r = rng.uniform(5.0, 10.0)
-            rho = radius * 0.82 - r - 3
-            if rho <= 0:
-                break
-            a, q = rng.uniform(0, 2 * math.pi), rho * math.sqrt(rng.random())
-            y, x = cy + q * math.sin(a), cx + q * math.cos(a)
-            yi, xi = int(round(y)), int(round(x))
-            if not (0 <= yi < h and 0 <= xi < w and available[yi, xi]):
-                continue
-            if all((y - oy) ** 2 + (x - ox) ** 2 > (r + orr + 3) ** 2 for oy, ox, orr in new):
-                new.append((y, x, r))
-        if len(new) < 3 and not duct:
-            free[int(cy), int(cx)] = False
-            continue
-        benign[y0:y1, x0:x1] |= inside
-        acini.extend(new)
-        placed += 1
-        fy0, fy1, fx0, fx1 = max(y0 - 6, 0), min(y1 + 6, h), max(x0 - 6, 0), min(x1 + 6, w)
-        free[fy0:fy1, fx0:fx1] &= ~_dilate(benign[fy0:fy1, fx0:fx1], 6)
-    benign = ~_remove_small(~benign, 300) & available
-    return benign, acini
-
-
-def _fat_vacuoles(rng: np.random.Generator, stroma: np.ndarray) -> np.ndarray:
-    """Clusters of round black fat cells in normal stroma."""
-    h, w = stroma.shape
-    fat = np.zeros((h, w), bool)
-    safe = _erode(stroma, 22)
-    ys, xs = np.nonzero(safe)
-    if len(ys) == 0:
-        return fat
-    n_clusters = int(rng.integers(1, 4)) * max(1, (h * w) // (768 * 768))
-    for _ in range(n_clusters):
-        k = rng.integers(len(ys))
-        cy, cx = ys[k], xs[k]
-        for _cell in range(int(rng.integers(3, 9))):
-            y = int(cy + rng.normal(0, 18))
-            x = int(cx + rng.normal(0, 18))
-            r = rng.uniform(7, 15)
-            rr = int(math.ceil(r))
-            if not (rr <= y < h - rr and rr <= x < w - rr):
-                continue
-            fat[y - rr : y + rr + 1, x - rr : x + rr + 1] |= _disk(r)
-    fat &= safe
-    return fat
-
-
-# --------------------------------------------------------------------------------------------------
-# rendering
-
-
-class _Canvas:
-    """Accumulates value, hue and saturation as value-weighted sums (hue = sum(v h) / sum(v))."""
-
-    def __init__(self, shape: tuple[int, int]):
-        self.shape = shape
-        self.v = np.zeros(shape, np.float32)
-        self.vh = np.zeros(shape, np.float32)
-        self.vs = np.zeros(shape, np.float32)
-        self._splats: dict[float, list[tuple[np.ndarray, ...]]] = {}
-
-    def add_field(self, value: np.ndarray, hue, sat) -> None:
-        self.v += value
-        self.vh += value * hue
-        self.vs += value * sat
-
-    def add_cells(self, rows, cols, amp, hue, sat, sigma: float) -> None:
-        """Gaussian cells of peak ``amp`` at (rounded) positions; rendered together in :meth:`hsv`."""
-        h, w = self.shape
-        rows = np.clip(np.asarray(rows).round().astype(np.int64), 0, h - 1)
-        cols = np.clip(np.asarray(cols).round().astype(np.int64), 0, w - 1)
-        flat = rows * w + cols
-        amp = np.broadcast_to(np.asarray(amp, np.float64), flat.shape)
-        hue = np.broadcast_to(np.asarray(hue, np.float64), flat.shape)
-        sat = np.broadcast_to(np.asarray(sat, np.float64), flat.shape)
-        self._splats.setdefault(sigma, []).append((flat, amp, amp * hue, amp * sat))
-
-    def hsv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Render the cells, then return value and the value-weighted mean hue and saturation."""
-        n = self.shape[0] * self.shape[1]
-        for sigma, parts in self._splats.items():
-            flat = np.concatenate([p[0] for p in parts])
-            gain = 2 * math.pi * sigma * sigma  # a filtered impulse of weight a peaks at a
-            for k, target in ((1, self.v), (2, self.vh), (3, self.vs)):
-                acc = np.bincount(flat, weights=np.concatenate([p[k] for p in parts]), minlength=n)
-                acc = ndi.gaussian_filter(acc.reshape(self.shape).astype(np.float32), sigma, truncate=3.0)
-                target += acc * gain
-        self._splats.clear()
-        eps = 1e-6
-        return self.v, self.vh / (self.v + eps), self.vs / (self.v + eps)
-
-
-def _poisson_points(rng: np.random.Generator, density: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Points of an inhomogeneous Poisson process with ``density`` (per px), jittered sub-pixel."""
-    ys, xs = np.nonzero(rng.random(density.shape) < np.clip(density, 0, 1))
-    return ys + rng.uniform(-0.5, 0.5, len(ys)), xs + rng.uniform(-0.5, 0.5, len(xs))
-
-
-def _render(
-    rng: np.random.Generator,
-    tissue: np.ndarray,
-    fat: np.ndarray,
-    malignant: np.ndarray,
-    benign: np.ndarray,
-    acini: list[tuple[float, float, float]],
-) -> np.ndarray:
-    h, w = tissue.shape
-    canvas = _Canvas((h, w))
-    shift = rng.normal(0, 0.02)  # slide-level hue drift (tissue freshness, acquisition time)
-    soft_tissue = ndi.gaussian_filter(tissue.astype(np.float32), 1.0)
-    soft_malig = ndi.gaussian_filter(malignant.astype(np.float32), 4.0)
-    soft_benign = ndi.gaussian_filter(benign.astype(np.float32), 3.0)
-
-    # fibrous stroma: two oriented, blended fibre textures, sparse and dim, cool colours
-    f1 = ndi.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), (0.8, 5.0))
-    f2 = ndi.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), (5.0, 0.8))
-    blend = 1.0 / (1.0 + np.exp(-3.0 * _smooth_noise(rng, (h, w), 60)))
-    fib = np.abs(blend * f1 / f1.std() + (1 - blend) * f2 / f2.std())
-    fib = np.clip(fib / 2.2, 0, 1) ** 2
-    density = 0.55 + 0.45 * np.clip(_smooth_noise(rng, (h, w), 40), -1, 1)
-    stroma_v = 0.8 * fib * density * soft_tissue * (1 - 0.75 * soft_malig) * (1 - 0.5 * soft_benign)
-    stroma_h = np.clip(0.57 + shift + 0.05 * _smooth_noise(rng, (h, w), 30), 0.45, 0.68)
-    canvas.add_field(stroma_v, stroma_h, 0.75)
-
-    # sparse stromal cells (fibroblasts, immune cells): green-cyan dots
-    ys, xs = _poisson_points(rng, tissue * (1 / 500))
-    n = len(ys)
-    hues = 0.42 + shift + rng.normal(0, 0.05, n)
-    canvas.add_cells(ys, xs, rng.uniform(0.3, 0.7, n), hues, 0.7, _CELL_SIGMA)
-
-    # fat: membranes around the vacuoles
-    membrane = ndi.binary_dilation(fat, _disk(1.5)) & ~fat
-    canvas.add_field(0.35 * membrane.astype(np.float32), 0.55 + shift, 0.6)
-
-    # benign: loose greenish intralobular stroma + acini with rings of epithelial cells around lumens
-    loose = 0.10 * soft_benign * (0.6 + 0.4 * rng.random((h, w), dtype=np.float32))
-    canvas.add_field(loose, 0.46 + shift, 0.6)
-    b_hue = 0.36 + shift + rng.normal(0, 0.02)
-    for cy, cx, r in acini:
-        layers = ((r, 2.8, (0.55, 1.0), b_hue, "epi"), (r + 2.6, 5.0, (0.3, 0.5), 0.52, "myo"))
-        for radius, spacing, amp, hue, layer in layers:
-            k = max(6, int(round(2 * math.pi * radius / spacing)))
-            theta = np.linspace(0, 2 * math.pi, k, endpoint=False) + rng.uniform(0, 2 * math.pi)
-            theta += rng.normal(0, 0.25 * spacing / radius, k)
-            rad = radius + rng.normal(0, 0.5, k)
-            hues = hue + rng.normal(0, 0.04, k)
-            if layer == "epi":
-                hues = np.where(rng.random(k) < 0.12, 0.15 + shift, hues)  # a few active cells
-            canvas.add_cells(cy + rad * np.sin(theta), cx + rad * np.cos(theta), rng.uniform(*amp, k),
-                             hues, 0.75, _CELL_SIGMA)
-
-    # malignant: dense, disordered, pleomorphic warm cells grouped in nests, over a warm haze
-    nests = np.clip(0.55 + 0.6 * _smooth_noise(rng, (h, w), 9), 0.1, 1.0)
-    m_hue = rng.uniform(0.03, 0.10) + shift
-    hue_var = 0.03 * _smooth_noise(rng, (h, w), 50)
-    canvas.add_field(0.16 * soft_malig * tissue, np.clip(m_hue + 0.04 + hue_var, 0, 0.2), 0.8)
-    for sigma, share in zip(_TUMOUR_SIGMAS, (0.7, 0.3)):
-        dens = soft_malig * nests * tissue * (_TUMOUR_DENSITY * share * (1.4 / sigma) ** 2)
-        ys, xs = _poisson_points(rng, dens)
-        n = len(ys)
-        local = hue_var[ys.round().astype(int).clip(0, h - 1), xs.round().astype(int).clip(0, w - 1)]
-        hues = np.clip(m_hue + local + rng.normal(0, 0.03, n), 0.0, 0.2)
-        canvas.add_cells(ys, xs, rng.uniform(0.45, 1.25, n), hues, rng.uniform(0.75, 0.95, n), sigma)
-
-    v, hue, sat = canvas.hsv()
-    v = 1.0 - np.exp(-1.7 * v)  # saturating detector response
-    grain = 1.0 + 0.22 * ndi.gaussian_filter(rng.standard_normal((h, w)).astype(np.float32), 0.6) / 0.33
-    v = np.clip(v * grain, 0, 1) * soft_tissue
-    # background: black, a trace of camera noise
-    v += (1 - soft_tissue) * np.clip(0.012 + 0.006 * rng.standard_normal((h, w)), 0, 0.05)
-    hue = np.where(soft_tissue > 0.01, hue, 0.6)
-    from skimage.color import hsv2rgb
-
-    rgb = hsv2rgb(np.stack([np.clip(hue, 0, 1), np.clip(sat, 0, 1), np.clip(v, 0, 1)], axis=-1))
-    return np.round(rgb * 255).astype(np.uint8)
-
-
-def _apply_casts(
-    rng: np.random.Generator, clean: np.ndarray, tissue: np.ndarray, tile_size: int, strength: float
-) -> tuple[np.ndarray, TileCasts]:
-    """Per-tile, per-channel gain and offset plus a vignette (mosaic seams, paper §IV-B1)."""
-    h, w = tissue.shape
-    rows, cols = -(-h // tile_size), -(-w // tile_size)
-    gain = np.exp(strength * (rng.normal(0, 0.16, (rows, cols, 3)) + rng.normal(0, 0.1, (rows, cols, 1))))
-    offset = strength * rng.normal(0, 9.0, (rows, cols, 3))
-    vignette = strength * rng.uniform(0.04, 0.15, (rows, cols))
-    casts = TileCasts(tile_size=tile_size, gain=gain, offset=offset, vignette=vignette)
-    if strength == 0:
-        return clean.copy(), casts
-    soft = ndi.gaussian_filter(tissue.astype(np.float32), 1.5)[..., None]
-    out = clean.astype(np.float32)
-    for i in range(rows):
-        for j in range(cols):
-            ys, xs = slice(i * tile_size, (i + 1) * tile_size), slice(j * tile_size, (j + 1) * tile_size)
-            th, tw = out[ys, xs].shape[:2]
-            u = np.linspace(-1, 1, tile_size)[:th, None]
-            q = np.linspace(-1, 1, tile_size)[None, :tw]
-            vig = (1.0 - vignette[i, j] * (u * u + q * q) / 2)[..., None]
-            out[ys, xs] = out[ys, xs] * gain[i, j] * vig + offset[i, j] * soft[ys, xs]
-    return np.clip(np.round(out), 0, 255).astype(np.uint8), casts
 
 
 def generate_slide(
