@@ -19,8 +19,9 @@ from diffusiondci.data.patch_dataset import PatchDataset
 from diffusiondci.diffusion.losses import hybrid_loss
 from diffusiondci.diffusion.schedule import DiffusionSchedule
 from diffusiondci.errors import UserInputError
+from diffusiondci.models.conditions import mask_one_hot
 from diffusiondci.models.unet import DSDMUNet
-from diffusiondci.train.dsdm import DSDMConfig, build_unet_config, dsdm_loss, mask_one_hot, train_dsdm
+from diffusiondci.train.dsdm import DSDMConfig, build_unet_config, dsdm_loss, train_dsdm
 
 # A smaller network than the tiny preset (same 64 px data) so that CPU tests stay fast.
 MICRO = dict(channels=[16, 32, 32], attention_levels=[False, False, True], num_head_channels=16,

@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusiondci.errors import UserInputError
+from diffusiondci.models.embedding import embed_dataset
 from diffusiondci.models.reference_encoder import ReferenceEncoder, load_encoder, save_encoder
 from diffusiondci.train.simclr import (
     ProjectionHead,
     SimCLRAugment,
-    embed_dataset,
     nt_xent_loss,
     simclr_train_step,
 )

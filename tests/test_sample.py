@@ -25,8 +25,9 @@ from diffusiondci.diffusion.pipeline import (
 from diffusiondci.diffusion.samplers import ddim_sample
 from diffusiondci.diffusion.schedule import DiffusionSchedule
 from diffusiondci.errors import UserInputError
+from diffusiondci.models.conditions import mask_one_hot
 from diffusiondci.models.unet import DSDMUNet
-from diffusiondci.train.dsdm import build_unet_config, mask_one_hot
+from diffusiondci.train.dsdm import build_unet_config
 from tests.test_dsdm import build_inputs, conditional_run, micro_config, unconditional_run
 
 

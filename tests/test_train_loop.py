@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from diffusiondci.errors import UserInputError
+from diffusiondci.runs import checkpoint as run_ckpt
+from diffusiondci.runs.weights import load_weights_safetensors
 from diffusiondci.train import checkpoint as ckpt
 from diffusiondci.train.loop import ResumableSampler, Trainer, TrainingDiverged
 
@@ -140,7 +142,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(Killed):  # checkpoint at step 5 (mid-epoch: 3 batches/epoch), killed at 7
         make_trainer(run, kill_at=7).fit()
-    assert ckpt.load_checkpoint(run / "checkpoints" / "latest").train_state["step"] == 5
+    assert run_ckpt.load_checkpoint(run / "checkpoints" / "latest").train_state["step"] == 5
     # fresh objects with different init / generator seeds: everything must come from the checkpoint
     resumed = make_trainer(run, resume=True, init_seed=999, noise_seed=999)
     resumed.fit()
@@ -152,8 +154,8 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert _flat_equal(ref.optimizer.state_dict(), resumed.optimizer.state_dict())
     assert ref.scheduler.state_dict() == resumed.scheduler.state_dict()
 
-    c_ref = ckpt.load_checkpoint(tmp_path / "ref" / "checkpoints" / "latest")
-    c_res = ckpt.load_checkpoint(run / "checkpoints" / "latest")
+    c_ref = run_ckpt.load_checkpoint(tmp_path / "ref" / "checkpoints" / "latest")
+    c_res = run_ckpt.load_checkpoint(run / "checkpoints" / "latest")
     assert _flat_equal(c_ref.model_state, c_res.model_state)
     assert _flat_equal(c_ref.ema_state, c_res.ema_state)
     assert _flat_equal(c_ref.train_state["optimizer"], c_res.train_state["optimizer"])
@@ -196,7 +198,7 @@ def test_sampling_does_not_disturb_training_and_keep_last(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(plain.model.parameters(), tr.model.parameters()))
     kept = sorted(p.name for p in (tmp_path / "sampled" / "checkpoints").glob("step_*"))
     assert kept == ["step_10", "step_12"]
-    assert ckpt.load_checkpoint(tmp_path / "sampled" / "checkpoints" / "step_10").train_state["step"] == 10
+    assert run_ckpt.load_checkpoint(tmp_path / "sampled" / "checkpoints" / "step_10").train_state["step"] == 10
 
 
 def test_sampler_shards_and_mid_epoch_restart():
@@ -231,7 +233,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(TrainingDiverged, match=r"diverged at step 7: loss is nan") as info:
         tr.fit()
     assert isinstance(info.value, UserInputError) and "step 5" in str(info.value)
-    good = ckpt.load_checkpoint(tmp_path / "checkpoints" / "latest")
+    good = run_ckpt.load_checkpoint(tmp_path / "checkpoints" / "latest")
     assert good.train_state["step"] == 5
     assert all(torch.isfinite(v).all() for v in good.model_state.values())
     assert all(torch.isfinite(p).all() for p in tr.model.parameters())  # no step with a NaN loss
@@ -261,22 +263,22 @@ def test_failed_or_partial_write_keeps_previous_checkpoint(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):
         ckpt.save_checkpoint(target, model_state=_tiny_state(2.0), train_state={"step": 2})
     monkeypatch.setattr(ckpt.torch, "save", real_save)
-    c = ckpt.load_checkpoint(target)
+    c = run_ckpt.load_checkpoint(target)
     assert c.train_state["step"] == 1 and torch.equal(c.model_state["w"], _tiny_state(1.0)["w"])
     assert not list(tmp_path.glob(".latest.tmp-*"))
 
     # crash between the two renames of the swap: only the ".old" copy exists -> recovered
     os.replace(target, tmp_path / ".latest.old-123-456")
     (tmp_path / ".latest.tmp-999-1").mkdir()  # an incomplete temp folder from the dead process
-    assert ckpt.resolve_checkpoint(target) == target
-    assert ckpt.load_checkpoint(target).train_state["step"] == 1
+    assert run_ckpt.resolve_checkpoint(target) == target
+    assert run_ckpt.load_checkpoint(target).train_state["step"] == 1
 
     # a corrupted file is detected by its hash
-    data = bytearray((target / ckpt.MODEL_FILE).read_bytes())
+    data = bytearray((target / run_ckpt.MODEL_FILE).read_bytes())
     data[-1] ^= 0xFF
-    (target / ckpt.MODEL_FILE).write_bytes(bytes(data))
+    (target / run_ckpt.MODEL_FILE).write_bytes(bytes(data))
     with pytest.raises(UserInputError, match="corrupted"):
-        ckpt.load_checkpoint(target)
+        run_ckpt.load_checkpoint(target)
 
 
 def test_crash_during_trainer_save_then_resume(tmp_path, monkeypatch):
@@ -284,7 +286,7 @@ def test_crash_during_trainer_save_then_resume(tmp_path, monkeypatch):
     real = ckpt.save_file
 
     def flaky(state, path, **kw):
-        if ".latest.tmp-" in str(path) and path.endswith(ckpt.EMA_FILE):
+        if ".latest.tmp-" in str(path) and path.endswith(run_ckpt.EMA_FILE):
             calls["n"] += 1
             if calls["n"] == 2:  # the second save of "latest" (step 10) dies half-way
                 Path(path).write_bytes(b"garbage")
@@ -295,7 +297,7 @@ def test_crash_during_trainer_save_then_resume(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="killed mid-write"):
         make_trainer(tmp_path, max_steps=12).fit()
     monkeypatch.setattr(ckpt, "save_file", real)
-    assert ckpt.load_checkpoint(tmp_path / "checkpoints" / "latest").train_state["step"] == 5
+    assert run_ckpt.load_checkpoint(tmp_path / "checkpoints" / "latest").train_state["step"] == 5
     tr = make_trainer(tmp_path, resume=True)
     assert tr.fit()["step"] == 12
 
@@ -306,7 +308,7 @@ def test_crash_during_trainer_save_then_resume(tmp_path, monkeypatch):
 def test_checkpoints_load_without_pickle(tmp_path, monkeypatch):
     make_trainer(tmp_path, max_steps=3, ckpt_every=3).fit()
     latest = tmp_path / "checkpoints" / "latest"
-    direct = torch.load(latest / ckpt.STATE_FILE, weights_only=True)
+    direct = torch.load(latest / run_ckpt.STATE_FILE, weights_only=True)
     assert direct["step"] == 3
 
     def forbidden(*a, **k):
@@ -322,7 +324,7 @@ def test_checkpoints_load_without_pickle(tmp_path, monkeypatch):
     monkeypatch.setattr(pickle, "loads", forbidden)
     monkeypatch.setattr(pickle, "Unpickler", forbidden)
     monkeypatch.setattr(ckpt.torch, "load", strict_load)
-    c = ckpt.load_checkpoint(latest)
+    c = run_ckpt.load_checkpoint(latest)
     assert c.train_state["step"] == 3 and c.ema_state is not None
     assert set(c.train_state["rng"][0]) >= {"python", "numpy", "torch", "cuda", "generators"}
 
@@ -331,20 +333,20 @@ def test_load_weights_of_other_architecture_lists_keys(tmp_path):
     path = tmp_path / "w.safetensors"
     save_file(ckpt.state_dict_for_saving(TinyNet(16)), str(path))
     model = TinyNet(16)
-    ckpt.load_weights_safetensors(model, path)
+    load_weights_safetensors(model, path)
     assert torch.equal(model.net[0].weight, load_file(str(path))["net.0.weight"])
 
     with pytest.raises(UserInputError, match=r"7 shape mismatches \[.*net\.0\.weight: file \(16, 4\) vs model \(32, 4\)"):
-        ckpt.load_weights_safetensors(TinyNet(32), path)
+        load_weights_safetensors(TinyNet(32), path)
     with pytest.raises(UserInputError) as info:
-        ckpt.load_weights_safetensors(OtherNet(), path)
+        load_weights_safetensors(OtherNet(), path)
     msg = str(info.value)
     assert "missing keys [body.bias, body.weight" in msg and "unexpected keys [net.0.bias" in msg
     assert str(path) in msg
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"not a safetensors file at all")
     with pytest.raises(UserInputError, match="safetensors"):
-        ckpt.load_weights_safetensors(TinyNet(16), bad)
+        load_weights_safetensors(TinyNet(16), bad)
 
 
 # ----------------------------------------------------------------------------- DDP
@@ -418,7 +420,7 @@ def test_ddp_two_processes_gloo_matches_single_process(tmp_path):
 
     w0, w1 = load_file(str(out / "rank0_4.safetensors")), load_file(str(out / "rank1_4.safetensors"))
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    assert ckpt.load_checkpoint(run / "checkpoints" / "latest").train_state["step"] == 4
+    assert run_ckpt.load_checkpoint(run / "checkpoints" / "latest").train_state["step"] == 4
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 2  # rank 0 only, one per launch
     assert [r["step"] for r in _read_log(run / "log.csv")] == ["1", "2", "3", "4"]
 

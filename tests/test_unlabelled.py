@@ -23,8 +23,9 @@ from diffusiondci.data.splits import assign_splits
 from diffusiondci.diffusion.losses import hybrid_loss
 from diffusiondci.diffusion.schedule import DiffusionSchedule
 from diffusiondci.errors import UserInputError
+from diffusiondci.models.conditions import mask_one_hot
 from diffusiondci.models.unet import DSDMUNet
-from diffusiondci.train.dsdm import build_unet_config, dsdm_loss, mask_one_hot, train_dsdm, training_conditions
+from diffusiondci.train.dsdm import build_unet_config, dsdm_loss, train_dsdm, training_conditions
 from tests.test_dsdm import micro_config
 from tests.test_prepare import run_cli
 

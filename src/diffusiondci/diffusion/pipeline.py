@@ -45,12 +45,15 @@ from ..data.prepare import DATASET_FORMAT, MANIFEST_COLUMNS, class_fractions, wr
 from ..data.preview import colour_mask  # paper Fig. 5 colours
 from ..device import resolve_device
 from ..errors import UserInputError
+from ..models.conditions import mask_one_hot
+from ..models.embedding import embed_dataset
 from ..models.reference_encoder import ReferenceEncoder, load_encoder
 from ..models.unet import DSDMUNet, UNetConfig
-from ..train.checkpoint import load_weights_safetensors, read_run_record, resolve_checkpoint
-from ..train.dsdm import DSDM_FORMAT, DSDM_META, mask_one_hot
-from ..train.loop import derive_seed
-from ..train.simclr import embed_dataset
+from ..runs.checkpoint import resolve_checkpoint
+from ..runs.formats import DSDM_FORMAT, DSDM_META
+from ..runs.record import read_run_record
+from ..runs.seeds import derive_seed
+from ..runs.weights import load_weights_safetensors
 from .guidance import PAPER_GUIDANCE_SCALE, cfg_model_fn
 from .samplers import DEFAULT_FRACTIONS, ModelFn, ddim_sample, ddpm_sample
 from .schedule import DiffusionSchedule

@@ -28,7 +28,7 @@ from ..diffusion.schedule import DiffusionSchedule
 from ..errors import UserInputError
 from ..models.reference_encoder import ReferenceEncoder
 from ..models.unet import DSDMUNet
-from ..train.loop import derive_seed
+from ..runs.seeds import derive_seed
 
 __all__ = ["DiffusionFeatureExtractor", "paper_probe_timesteps"]
 

@@ -1,7 +1,7 @@
 """A trained segmentation run, ready for inference (``segment``, ``evaluate``, synthetic filtering).
 
-:func:`load_segmenter` rebuilds the network from ``segmenter.json`` and the safetensors weights of
-the best checkpoint (the frozen DSDM travels inside it) and exposes what whole-slide inference
+:func:`load_segmenter` rebuilds the network from ``segmenter.json`` (:func:`load_record`) and the
+safetensors weights of the best checkpoint (:func:`load_model_weights`) (the frozen DSDM travels inside it) and exposes what whole-slide inference
 needs: the patch size, the slide pixels per patch side (``roi_size``) and the colour-normalisation
 record of the training data (so new slides are normalised exactly as the training patches were).
 """
@@ -15,10 +15,13 @@ from typing import Any
 import torch
 
 from ..device import resolve_device
-from ..train.segmentation import load_model_weights
-from .model import SegmentationModel
+from ..errors import UserInputError
+from ..runs.checkpoint import resolve_checkpoint
+from ..runs.record import read_run_record
+from ..runs.weights import load_weights_safetensors
+from .model import SEG_FORMAT, SEG_META, SegmentationModel, build_from_record
 
-__all__ = ["SegmenterRun", "load_segmenter"]
+__all__ = ["SegmenterRun", "load_model_weights", "load_record", "load_segmenter"]
 
 
 @dataclass
@@ -51,6 +54,28 @@ class SegmenterRun:
         """``(N, 3, h, w)`` float in [-1, 1] -> ``(N, num_classes, h, w)`` logits (on ``images``' device)."""
         out = self.model(images.to(self.device, torch.float32))
         return out.to(images.device)
+
+
+def load_record(run_dir: str | Path) -> dict[str, Any]:
+    """``segmenter.json`` of a ``train-seg`` run, checked."""
+    return read_run_record(run_dir, SEG_META, SEG_FORMAT, "segmentation", "train-seg")
+
+
+def load_model_weights(run_dir: str | Path, checkpoint: str = "best") -> tuple[SegmentationModel, dict, Path]:
+    """Rebuild the network from ``segmenter.json`` and load a checkpoint (``best``, else ``latest``)."""
+    run_dir = Path(run_dir)
+    record = load_record(run_dir)
+    model = build_from_record(record)
+    resolved = None
+    for name in ([checkpoint, "latest"] if checkpoint == "best" else [checkpoint]):
+        folder = run_dir / "checkpoints" / name
+        resolved = resolve_checkpoint(folder) if folder.exists() else None
+        if resolved is not None:
+            break
+    if resolved is None:
+        raise UserInputError("no complete checkpoint in this run yet; train (or resume) it first", run_dir)
+    load_weights_safetensors(model, resolved, strict=True)
+    return model.eval(), record, resolved
 
 
 def load_segmenter(

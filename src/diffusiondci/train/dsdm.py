@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -53,17 +52,19 @@ from ..diffusion.guidance import drop_conditions
 from ..diffusion.losses import hybrid_loss, timestep_sampler
 from ..diffusion.schedule import DiffusionSchedule, ScheduleName
 from ..errors import UserInputError
+from ..models.conditions import mask_one_hot
+from ..models.embedding import embed_dataset
 from ..models.reference_encoder import ReferenceEncoder
-from ..models.unet import DECODER_NORMS, NUM_MASK_CLASSES, DSDMUNet, UNetConfig, paper_config, tiny_config
+from ..models.unet import DECODER_NORMS, DSDMUNet, UNetConfig, paper_config, tiny_config
+from ..runs.formats import DSDM_FORMAT, DSDM_META, DSDM_VERSION
+from ..runs.record import write_run_record
+from ..runs.seeds import derive_seed
+from ..runs.weights import unwrap_model
 from . import distributed as dist_utils
-from .checkpoint import unwrap_model
 from .encoder import ENCODER_DIR, load_embeddings, load_encoder_run
-from .loop import Trainer, derive_seed
-from .simclr import embed_dataset
+from .loop import Trainer
 
 __all__ = [
-    "DSDM_FORMAT",
-    "DSDM_META",
     "DSDMConfig",
     "ReferencedPatches",
     "build_unet_config",
@@ -74,9 +75,6 @@ __all__ = [
     "training_embeddings",
 ]
 
-DSDM_META = "dsdm.json"
-DSDM_FORMAT = "diffusiondci.dsdm"
-DSDM_VERSION = 1
 UNET_PRESETS = {"tiny": tiny_config, "paper": paper_config}
 
 
@@ -235,11 +233,6 @@ def training_embeddings(
 # --------------------------------------------------------------------------------------------
 
 
-def mask_one_hot(mask: torch.Tensor, num_classes: int = NUM_MASK_CLASSES) -> torch.Tensor:
-    """``(N, H, W)`` labels -> ``(N, K, H, W)`` float one-hot (the SPADE input)."""
-    return F.one_hot(mask.long(), num_classes).permute(0, 3, 1, 2).float()
-
-
 def null_training_conditions(model: DSDMUNet, n: int, like_mask: torch.Tensor, like_ref: torch.Tensor) -> dict:
     """NULL conditions for the dropouts: the model's own (zero mask, learned ``null_ref``, eq. 17);
     a condition the architecture ignores gets zeros so every ablation shares one code path."""
@@ -323,14 +316,7 @@ def _dataset_record(dataset: PatchDataset, image_size: int) -> dict[str, Any]:
 
 
 def _write_run_files(run_dir: Path, record: dict[str, Any], encoder_run: Path | None) -> None:
-    meta_path = run_dir / DSDM_META
-    text = json.dumps(record, indent=2, sort_keys=True)
-    if meta_path.is_file() and json.loads(meta_path.read_text()) == json.loads(text):
-        pass
-    else:
-        tmp = meta_path.with_name(meta_path.name + ".tmp")
-        tmp.write_text(text + "\n")
-        tmp.replace(meta_path)
+    write_run_record(run_dir, DSDM_META, record)
     if encoder_run is not None:
         shutil.copytree(encoder_run / ENCODER_DIR, run_dir / ENCODER_DIR, dirs_exist_ok=True)
 

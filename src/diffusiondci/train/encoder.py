@@ -18,10 +18,11 @@ from torch import nn
 
 from ..data.patch_dataset import PatchDataset
 from ..errors import UserInputError
+from ..models.embedding import embed_dataset
 from ..models.reference_encoder import ReferenceEncoder, load_encoder, save_encoder
-from .checkpoint import unwrap_model
+from ..runs.weights import unwrap_model
 from .loop import Trainer
-from .simclr import ProjectionHead, SimCLRAugment, embed_dataset, nt_xent_loss
+from .simclr import ProjectionHead, SimCLRAugment, nt_xent_loss
 
 ENCODER_DIR = "encoder"
 EMBEDDINGS = "embeddings.safetensors"

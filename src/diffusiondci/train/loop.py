@@ -12,7 +12,7 @@ everything else:
 * zero_grad / backward / gradient clipping / optimizer and LR-scheduler step / EMA update;
 * a loss guard: a NaN/inf loss or gradient norm stops the run with :class:`TrainingDiverged`
   before the weights are touched, and the last good checkpoint is never overwritten;
-* atomic checkpoints (:mod:`diffusiondci.train.checkpoint`) holding weights, EMA weights,
+* atomic checkpoints (:mod:`diffusiondci.train.checkpoint`, read back by :mod:`diffusiondci.runs.checkpoint`) holding weights, EMA weights,
   optimizer, scheduler, sampler position and every RNG state, so that a killed run resumed with
   ``resume=True`` produces bit-identical weights to an uninterrupted run (on CPU; on GPU up to
   the determinism of the kernels, see ``deterministic``);
@@ -29,10 +29,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import json
 import math
-import random
 import shutil
 import time
 import warnings
@@ -47,9 +45,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from diffusiondci.data.imageio import write_json_atomic
 from diffusiondci.errors import UserInputError
+from diffusiondci.runs import checkpoint as run_ckpt
+from diffusiondci.runs.csv_log import CsvLog
+from diffusiondci.runs.seeds import derive_seed, seed_everything
+from diffusiondci.runs.weights import check_state_dict, unwrap_model
 from diffusiondci.train import checkpoint as ckpt
 from diffusiondci.train import distributed as dist_utils
-from diffusiondci.train.checkpoint import unwrap_model
 
 
 class TrainingDiverged(UserInputError):
@@ -60,18 +61,6 @@ class Stateful(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any]) -> Any: ...
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python ``random``, NumPy's global RNG and torch (CPU and all CUDA devices)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, with independent streams for different tuples."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,44 +229,6 @@ def _scalar(v: Any) -> float:
     if isinstance(v, torch.Tensor):
         return float(v.detach().float().mean().item())
     return float(v)
-
-
-class _CsvLog:
-    """``log.csv`` with a header that grows when new metric names appear (file rewritten then)."""
-
-    def __init__(self, path: Path, keep_until_step: int | None):
-        self.path = path
-        self.rows: list[dict[str, Any]] = []
-        self.fields: list[str] = []
-        if keep_until_step is not None and path.is_file():
-            with open(path, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                self.fields = list(reader.fieldnames or [])
-                for row in reader:  # rows after the resumed checkpoint are from the killed tail
-                    try:
-                        if int(float(row.get("step") or 0)) <= keep_until_step:
-                            self.rows.append(row)
-                    except ValueError:
-                        continue
-        self._rewrite()
-
-    def _rewrite(self) -> None:
-        with open(self.path, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.fields, restval="", lineterminator="\n")
-            w.writeheader()
-            w.writerows(self.rows)
-
-    def append(self, row: dict[str, Any]) -> None:
-        new = [k for k in row if k not in self.fields]
-        self.rows.append(row)
-        if new:
-            head = [k for k in ("step", "epoch") if k in self.fields or k in row]
-            rest = [k for k in self.fields + new if k not in ("step", "epoch", "wall_time")]
-            self.fields = head + rest + ["wall_time"]
-            self._rewrite()
-            return
-        with open(self.path, "a", newline="", encoding="utf-8") as fh:
-            csv.DictWriter(fh, fieldnames=self.fields, restval="", lineterminator="\n").writerow(row)
 
 
 # --------------------------------------------------------------------------------------------
@@ -539,14 +490,14 @@ class Trainer:
         found: str | None = None
         if self.is_main:
             ckpt.clean_stale_temporaries(self.ckpt_root)
-            path = ckpt.resolve_checkpoint(self.latest_dir)
+            path = run_ckpt.resolve_checkpoint(self.latest_dir)
             found = str(path) if path is not None else None
         found = dist_utils.broadcast_object(found)
         if found is None:
             if self.is_main:
                 warnings.warn(f"{self.run_dir}: no checkpoint to resume from; starting from step 0", stacklevel=3)
             return
-        c = ckpt.load_checkpoint(found)
+        c = run_ckpt.load_checkpoint(found)
         ts = c.train_state
         for name, want in (("seed", self.seed), ("batch_size", self.batch_size)):
             if ts.get(name) != want:
@@ -555,7 +506,7 @@ class Trainer:
                     "resume with the same value or start a new run folder",
                     found,
                 )
-        ckpt.check_state_dict(self.model, c.model_state, Path(found) / ckpt.MODEL_FILE)
+        check_state_dict(self.model, c.model_state, Path(found) / run_ckpt.MODEL_FILE)
         self.model.load_state_dict(c.model_state)
         if self.ema is not None:
             if c.ema_state is None or ts.get("ema") is None:
@@ -593,7 +544,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
     def _diverged(self, what: str) -> None:
-        kept = ckpt.resolve_checkpoint(self.latest_dir) if self.is_main else None
+        kept = run_ckpt.resolve_checkpoint(self.latest_dir) if self.is_main else None
         where = f"last good checkpoint {kept} (step {self._last_saved_step}) was kept" if kept else "no checkpoint was written yet"
         raise TrainingDiverged(
             f"training diverged at step {self.step}: {what}; stopped without saving, {where}; "
@@ -717,7 +668,7 @@ class Trainer:
             from tqdm.auto import tqdm
 
             resumed_at = self.step if self.resume else None
-            csv_log = _CsvLog(self.run_dir / "log.csv", keep_until_step=resumed_at)
+            csv_log = CsvLog(self.run_dir / "log.csv", keep_until_step=resumed_at)
             # drop TensorBoard events the killed run wrote after its last checkpoint
             writer = SummaryWriter(
                 str(self.run_dir / "tb"), purge_step=resumed_at + 1 if resumed_at is not None else None
@@ -807,6 +758,5 @@ __all__ = [
     "TrainingDiverged",
     "move_to_device",
     "preserved_rng",
-    "seed_everything",
     "steps_per_epoch",
 ]

@@ -51,12 +51,13 @@ from ..errors import UserInputError
 from ..evaluation.metrics import MetricAccumulator
 from ..models.segmenter import INJECTIONS, Segmenter, init_from_dsdm, segmenter_unet_config
 from ..models.unet import NUM_MASK_CLASSES
+from ..runs.seeds import derive_seed
 from ..segmentation.features import DiffusionFeatureExtractor
-from ..segmentation.model import SEG_FORMAT, SEG_META, SegmentationModel, build_from_record
+from ..segmentation.model import SEG_FORMAT, SEG_META, SegmentationModel
+from ..segmentation.run import load_segmenter
 from . import distributed as dist_utils
-from .checkpoint import load_weights_safetensors, read_run_record, resolve_checkpoint
 from .dsdm import UNET_PRESETS
-from .loop import Trainer, derive_seed, steps_per_epoch
+from .loop import Trainer, steps_per_epoch
 
 __all__ = [
     "SegConfig",
@@ -323,8 +324,6 @@ def predict_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 16) ->
 def _filter_synthetic(
     synthetic: PatchDataset, filter_model: Path, threshold: float, device: torch.device
 ) -> tuple[list[int], list[dict[str, Any]]]:
-    from ..segmentation.run import load_segmenter
-
     run = load_segmenter(filter_model, device=device)
     kept: list[int] = []
     rows: list[dict[str, Any]] = []
@@ -487,8 +486,6 @@ def train_seg(
 
 def evaluate_run(run_dir: str | Path, data: str | Path, split: str = "test", device=None) -> dict[str, Any] | None:
     """Score the run's best checkpoint (latest if none) on ``split`` of ``data``; writes ``<split>_metrics.json``."""
-    from ..segmentation.run import load_segmenter
-
     ds = PatchDataset(data, splits=(split,), with_masks=True, labelled_only=True)
     if len(ds) == 0:
         return None
@@ -498,25 +495,3 @@ def evaluate_run(run_dir: str | Path, data: str | Path, split: str = "test", dev
     scores["checkpoint"] = str(run.checkpoint)
     write_json_atomic(Path(run_dir) / f"{split}_metrics.json", scores)
     return scores
-
-
-def load_record(run_dir: str | Path) -> dict[str, Any]:
-    """``segmenter.json`` of a ``train-seg`` run, checked."""
-    return read_run_record(run_dir, SEG_META, SEG_FORMAT, "segmentation", "train-seg")
-
-
-def load_model_weights(run_dir: str | Path, checkpoint: str = "best") -> tuple[SegmentationModel, dict, Path]:
-    """Rebuild the network from ``segmenter.json`` and load a checkpoint (``best``, else ``latest``)."""
-    run_dir = Path(run_dir)
-    record = load_record(run_dir)
-    model = build_from_record(record)
-    resolved = None
-    for name in ([checkpoint, "latest"] if checkpoint == "best" else [checkpoint]):
-        folder = run_dir / "checkpoints" / name
-        resolved = resolve_checkpoint(folder) if folder.exists() else None
-        if resolved is not None:
-            break
-    if resolved is None:
-        raise UserInputError("no complete checkpoint in this run yet; train (or resume) it first", run_dir)
-    load_weights_safetensors(model, resolved, strict=True)
-    return model.eval(), record, resolved
