@@ -23,7 +23,8 @@ from diffusiondci.errors import UserInputError
 from diffusiondci.runs import checkpoint as run_ckpt
 from diffusiondci.runs.weights import load_weights_safetensors
 from diffusiondci.train import checkpoint as ckpt
-from diffusiondci.train.loop import ResumableSampler, Trainer, TrainingDiverged
+from diffusiondci.train.data_order import ResumableSampler
+from diffusiondci.train.loop import Trainer, TrainingDiverged
 
 # ----------------------------------------------------------------------------- tiny problem
 

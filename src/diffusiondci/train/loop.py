@@ -1,4 +1,5 @@
-"""Generic, exactly-resumable training loop shared by every stage (SimCLR, DSDM, segmenter).
+"""The generic, exactly-resumable training loop (:class:`Trainer`) shared by every stage (SimCLR, DSDM,
+segmenter).
 
 A stage supplies a model, an optimizer, a map-style dataset and a ``step_fn`` that returns the loss
 (e.g. the DSDM hybrid loss, paper Eq. 9, or the segmenter's cross-entropy); :class:`Trainer` does
@@ -7,13 +8,17 @@ everything else:
 * a run folder ``run_dir/`` with ``config.json`` (written once, checked on resume), ``log.csv``,
   TensorBoard events under ``tb/``, ``checkpoints/{latest,best,step_<N>}/``, ``samples/`` and a
   final ``metrics.json``;
-* seeded, resumable data order (:class:`ResumableSampler`: one permutation per epoch from
-  ``(seed, epoch)``, each DDP rank takes its shard, the position within the epoch is saved);
-* zero_grad / backward / gradient clipping / optimizer and LR-scheduler step / EMA update;
+  (:mod:`.run_config` checks ``config.json``, :mod:`.training_log` writes ``log.csv``, ``tb/`` and
+  the progress bar);
+* seeded, resumable data order (:class:`~.data_order.ResumableSampler`: one permutation per epoch
+  from ``(seed, epoch)``, each DDP rank takes its shard, the position within the epoch is saved);
+* zero_grad / backward / gradient clipping / optimizer and LR-scheduler step / EMA update
+  (:class:`~.ema.EMA`);
 * a loss guard: a NaN/inf loss or gradient norm stops the run with :class:`TrainingDiverged`
   before the weights are touched, and the last good checkpoint is never overwritten;
-* atomic checkpoints (:mod:`diffusiondci.train.checkpoint`, read back by :mod:`diffusiondci.runs.checkpoint`) holding weights, EMA weights,
-  optimizer, scheduler, sampler position and every RNG state, so that a killed run resumed with
+* atomic checkpoints (:mod:`.trainer_checkpoints`; written by :mod:`.checkpoint`, read back by
+  :mod:`diffusiondci.runs.checkpoint`) holding weights, EMA weights, optimizer, scheduler, sampler
+  position and every RNG state (:mod:`.rng_state`), so that a killed run resumed with
   ``resume=True`` produces bit-identical weights to an uninterrupted run (on CPU; on GPU up to
   the determinism of the kernels, see ``deterministic``);
 * DistributedDataParallel when launched by ``torchrun`` (see :mod:`.distributed`); only rank 0
@@ -28,29 +33,30 @@ sample index if it must be exact.
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
 import math
-import shutil
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from diffusiondci.data.imageio import write_json_atomic
 from diffusiondci.errors import UserInputError
 from diffusiondci.runs import checkpoint as run_ckpt
-from diffusiondci.runs.csv_log import CsvLog
 from diffusiondci.runs.seeds import derive_seed, seed_everything
-from diffusiondci.runs.weights import check_state_dict, unwrap_model
-from diffusiondci.train import checkpoint as ckpt
-from diffusiondci.train import distributed as dist_utils
+from diffusiondci.runs.weights import unwrap_model
+
+from . import distributed as dist_utils
+from .data_order import ResumableSampler
+from .ema import EMA
+from .rng_state import preserved_rng
+from .run_config import canonical_config, check_run_folder
+from .trainer_checkpoints import TrainerCheckpoints
+from .training_log import TrainingLog, reduce_window
 
 
 class TrainingDiverged(UserInputError):
@@ -64,132 +70,8 @@ class Stateful(Protocol):
 
 
 # --------------------------------------------------------------------------------------------
-# data order
-# --------------------------------------------------------------------------------------------
-
-
-class ResumableSampler(Sampler[int]):
-    """Seeded epoch-based sampler that can start in the middle of an epoch.
-
-    Epoch ``e`` uses the permutation ``randperm(n)`` drawn from a generator seeded with
-    ``(seed, e)``; like :class:`torch.utils.data.DistributedSampler` (``drop_last=True``) the
-    permutation is cut to a multiple of ``world_size`` and rank ``r`` takes ``perm[r::world_size]``;
-    the shard is cut to whole batches (training uses ``drop_last``). ``set_epoch(e, start_batch)``
-    selects the epoch and the number of batches already consumed, so resuming skips exactly them
-    without touching the dataset.
-    """
-
-    def __init__(
-        self,
-        num_samples: int,
-        batch_size: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if batch_size < 1:
-            raise UserInputError(f"batch_size must be >= 1, got {batch_size}")
-        self.num_samples = int(num_samples)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.shuffle = bool(shuffle)
-        self.rank = int(rank)
-        self.world_size = int(world_size)
-        self.per_rank = self.num_samples // self.world_size
-        self.batches_per_epoch = self.per_rank // self.batch_size
-        if self.batches_per_epoch < 1:
-            raise UserInputError(
-                f"dataset has {self.num_samples} samples, fewer than one batch of {self.batch_size} "
-                f"per process x {self.world_size} processes; add data or lower the batch size"
-            )
-        self.epoch = 0
-        self.start_batch = 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        if not 0 <= start_batch <= self.batches_per_epoch:
-            raise ValueError(f"start_batch {start_batch} outside [0, {self.batches_per_epoch}]")
-        self.epoch, self.start_batch = int(epoch), int(start_batch)
-
-    def epoch_indices(self, epoch: int) -> list[int]:
-        """All indices this rank visits in ``epoch``, in order."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, epoch))
-            perm = torch.randperm(self.num_samples, generator=g)
-        else:
-            perm = torch.arange(self.num_samples)
-        total = self.per_rank * self.world_size
-        shard = perm[:total][self.rank :: self.world_size]
-        return shard[: self.batches_per_epoch * self.batch_size].tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.epoch_indices(self.epoch)[self.start_batch * self.batch_size :])
-
-    def __len__(self) -> int:
-        return (self.batches_per_epoch - self.start_batch) * self.batch_size
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "start_batch": self.start_batch, "seed": self.seed}
-
-
-def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
-    """Optimizer steps in one epoch (per-process ``batch_size``, ``drop_last``)."""
-    return (num_samples // world_size) // batch_size
-
-
-# --------------------------------------------------------------------------------------------
-# EMA
-# --------------------------------------------------------------------------------------------
-
-
-class EMA:
-    """Exponential moving average of a model's weights (Polyak averaging, as in DDPM/ADM).
-
-    After every optimizer step ``theta_ema <- d * theta_ema + (1 - d) * theta`` for floating-point
-    parameters; buffers (e.g. BatchNorm statistics) are copied. With ``warmup`` the decay is
-    ``min(d, (1 + n) / (10 + n))`` after ``n`` updates (as in diffusers' EMAModel), which helps
-    short runs. ``module`` is a frozen copy kept in eval mode.
-    """
-
-    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
-        if not 0.0 <= decay < 1.0:
-            raise UserInputError(f"ema_decay must be in [0, 1), got {decay}")
-        self.module = copy.deepcopy(unwrap_model(model)).eval().requires_grad_(False)
-        self.decay = float(decay)
-        self.warmup = bool(warmup)
-        self.num_updates = 0
-
-    def current_decay(self) -> float:
-        n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        d = self.current_decay()
-        src = unwrap_model(model)
-        for e, p in zip(self.module.parameters(), src.parameters(), strict=True):
-            if e.is_floating_point():
-                e.lerp_(p.detach(), 1.0 - d)
-            else:
-                e.copy_(p)
-        for e, b in zip(self.module.buffers(), src.buffers(), strict=True):
-            e.copy_(b)
-        self.num_updates += 1
-
-
-# --------------------------------------------------------------------------------------------
 # small helpers
 # --------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def preserved_rng(generators: Mapping[str, Any] | None = None) -> Iterator[None]:
-    """Run a block (validation, sampling) without disturbing the training RNG streams."""
-    state = ckpt.capture_rng_state(dict(generators or {}))
-    try:
-        yield
-    finally:
-        ckpt.restore_rng_state(state, dict(generators or {}))
 
 
 def move_to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any:
@@ -203,26 +85,6 @@ def move_to_device(obj: Any, device: torch.device, non_blocking: bool = False) -
     if isinstance(obj, (list, tuple)):
         return type(obj)(move_to_device(v, device, non_blocking) for v in obj)
     return obj
-
-
-def _canonical(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    return json.loads(json.dumps(dict(config or {}), sort_keys=True, default=str))
-
-
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(d, dict):
-        out: dict[str, Any] = {}
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out if out or not prefix else {prefix[:-1]: d}
-    return {prefix[:-1]: d}
-
-
-def _config_diff(saved: dict[str, Any], new: dict[str, Any], limit: int = 6) -> str:
-    a, b = _flatten(saved), _flatten(new)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))
-    parts = [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in keys[:limit]]
-    return "; ".join(parts) + (f"; ... ({len(keys)} keys differ)" if len(keys) > limit else "")
 
 
 def _scalar(v: Any) -> float:
@@ -240,7 +102,7 @@ ValFn = Callable[[nn.Module, int], Mapping[str, Any]]
 SampleFn = Callable[[nn.Module, int, Path], Any]
 
 
-class Trainer:
+class Trainer(TrainerCheckpoints):
     """Train ``model`` with ``step_fn`` for ``max_steps`` optimizer steps in ``run_dir``.
 
     ``step_fn(model, batch, step) -> {"loss": Tensor, **scalars}``: ``model`` is the DDP-wrapped
@@ -327,7 +189,7 @@ class Trainer:
         self.resume = resume
         self.generators: dict[str, Any] = dict(generators or {})
         self.extra_state: dict[str, Stateful] = dict(extra_state or {})
-        self.config = _canonical(config)
+        self.config = canonical_config(config)
         if deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -406,141 +268,11 @@ class Trainer:
     def _prepare_run_dir(self) -> None:
         error: str | None = None
         if self.is_main:
-            error = self._check_run_dir()
+            error = check_run_folder(self.run_dir, self.ckpt_root, self.config, self.resume)
         error = dist_utils.broadcast_object(error)
         if error is not None:
             raise UserInputError(error, self.run_dir)
         dist_utils.barrier()
-
-    def _check_run_dir(self) -> str | None:
-        cfg_path = self.run_dir / "config.json"
-        has_ckpt = self.ckpt_root.is_dir() and any(self.ckpt_root.iterdir())
-        if not self.resume and (cfg_path.exists() or has_ckpt):
-            return "folder already holds a run; pass --resume to continue it or choose a new run folder"
-        if cfg_path.exists():
-            try:
-                saved = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except ValueError as exc:
-                return f"config.json is unreadable ({exc}); fix or remove it"
-            if saved != self.config:
-                return (
-                    "cannot resume: the configuration differs from the run's config.json ("
-                    + _config_diff(saved, self.config)
-                    + "); resume with the same settings or start a new run folder"
-                )
-        else:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(cfg_path, self.config, sort_keys=True)
-        self.ckpt_root.mkdir(parents=True, exist_ok=True)
-        return None
-
-    # ---------------------------------------------------------------- checkpoints
-    def _train_state(self, rng_states: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "step": self.step,
-            "epoch": self.epoch,
-            "position": self.position,
-            "sampler": self.sampler.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-            "ema": {"decay": self.ema.decay, "num_updates": self.ema.num_updates} if self.ema else None,
-            "rng": rng_states,
-            "extra": {k: v.state_dict() for k, v in self.extra_state.items()},
-            "best": dict(self.best),
-            "elapsed": self.elapsed,
-            "world_size": self.dist.world_size,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "last_train": dict(self.last_train),
-            "last_val": dict(self.last_val),
-        }
-
-    def save(self, *, latest: bool = True, best: bool = False, keep: bool = False) -> None:
-        """Write the current state to ``latest`` (and ``best`` / ``step_<N>``); all ranks must call."""
-        rng_states = dist_utils.all_gather_object(ckpt.capture_rng_state(self.generators))
-        if self.is_main:
-            targets = ([self.latest_dir] if latest else []) + ([self.best_dir] if best else [])
-            if keep:
-                targets.append(self.ckpt_root / f"step_{self.step}")
-            first, rest = targets[0], targets[1:]
-            ckpt.save_checkpoint(
-                first,
-                model_state=ckpt.state_dict_for_saving(self.model),
-                ema_state=ckpt.state_dict_for_saving(self.ema.module) if self.ema else None,
-                train_state=self._train_state(rng_states),
-                meta={"step": self.step, "epoch": self.epoch, "torch": torch.__version__},
-            )
-            for t in rest:
-                ckpt.copy_checkpoint(first, t)
-            if keep and self.keep_last > 0:
-                kept = sorted(
-                    (p for p in self.ckpt_root.glob("step_*") if p.name[5:].isdigit()),
-                    key=lambda p: int(p.name[5:]),
-                )
-                for old in kept[: -self.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
-        if latest:
-            self._last_saved_step = self.step
-        dist_utils.barrier()
-
-    def _restore(self) -> None:
-        self._restored = True
-        if not self.resume:
-            return
-        found: str | None = None
-        if self.is_main:
-            ckpt.clean_stale_temporaries(self.ckpt_root)
-            path = run_ckpt.resolve_checkpoint(self.latest_dir)
-            found = str(path) if path is not None else None
-        found = dist_utils.broadcast_object(found)
-        if found is None:
-            if self.is_main:
-                warnings.warn(f"{self.run_dir}: no checkpoint to resume from; starting from step 0", stacklevel=3)
-            return
-        c = run_ckpt.load_checkpoint(found)
-        ts = c.train_state
-        for name, want in (("seed", self.seed), ("batch_size", self.batch_size)):
-            if ts.get(name) != want:
-                raise UserInputError(
-                    f"checkpoint was trained with {name}={ts.get(name)}, this run uses {want}; "
-                    "resume with the same value or start a new run folder",
-                    found,
-                )
-        check_state_dict(self.model, c.model_state, Path(found) / run_ckpt.MODEL_FILE)
-        self.model.load_state_dict(c.model_state)
-        if self.ema is not None:
-            if c.ema_state is None or ts.get("ema") is None:
-                raise UserInputError("checkpoint has no EMA weights but this run uses EMA", found)
-            self.ema.module.load_state_dict(c.ema_state)
-            self.ema.num_updates = int(ts["ema"]["num_updates"])
-        self.optimizer.load_state_dict(ts["optimizer"])
-        if self.scheduler is not None and ts.get("scheduler") is not None:
-            self.scheduler.load_state_dict(ts["scheduler"])
-        for name, obj in self.extra_state.items():
-            if name not in ts.get("extra", {}):
-                raise UserInputError(f"checkpoint has no saved state {name!r}", found)
-            obj.load_state_dict(ts["extra"][name])
-        rngs = ts["rng"]
-        if len(rngs) == self.dist.world_size:
-            ckpt.restore_rng_state(rngs[self.dist.rank], self.generators)
-        else:
-            warnings.warn(
-                f"checkpoint was written by {len(rngs)} processes, now {self.dist.world_size}: data "
-                "order and random streams will differ from an uninterrupted run",
-                stacklevel=3,
-            )
-            ckpt.restore_rng_state(rngs[0], self.generators)
-            seed_everything(derive_seed(self.seed, self.dist.rank, int(ts["step"])))
-        self.step, self.epoch, self.position = int(ts["step"]), int(ts["epoch"]), int(ts["position"])
-        if self.position > self.sampler.batches_per_epoch or len(rngs) != self.dist.world_size:
-            # the per-rank shard size changed: restart the epoch
-            self.position = min(self.position, self.sampler.batches_per_epoch)
-        self.best = dict(ts.get("best") or self.best)
-        self.best.update(key=self.best_key, mode=self.best_mode)
-        self.elapsed = float(ts.get("elapsed", 0.0))
-        self.last_train = dict(ts.get("last_train") or {})
-        self.last_val = dict(ts.get("last_val") or {})
-        self._last_saved_step = self.step
 
     # ---------------------------------------------------------------- one step
     def _diverged(self, what: str) -> None:
@@ -638,13 +370,7 @@ class Trainer:
         finally:
             self.model.train(was_training)
 
-    # ---------------------------------------------------------------- logging
-    def _reduce_window(self, window: dict[str, list[float]]) -> dict[str, float]:
-        keys = sorted(window, key=lambda k: (k != "loss", k))  # loss first in log.csv
-        means = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
-        means = dist_utils.all_reduce_mean(means).cpu()
-        return {k: float(v) for k, v in zip(keys, means.tolist())}
-
+    # ---------------------------------------------------------------- summary
     def _summary(self) -> dict[str, Any]:
         return {
             "status": self.status,
@@ -662,24 +388,10 @@ class Trainer:
         """Train until ``max_steps``; returns (and writes ``metrics.json`` with) the final metrics."""
         if not self._restored:
             self._restore()
-        writer = csv_log = pbar = None
+        log = None
         if self.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-            from tqdm.auto import tqdm
-
             resumed_at = self.step if self.resume else None
-            csv_log = CsvLog(self.run_dir / "log.csv", keep_until_step=resumed_at)
-            # drop TensorBoard events the killed run wrote after its last checkpoint
-            writer = SummaryWriter(
-                str(self.run_dir / "tb"), purge_step=resumed_at + 1 if resumed_at is not None else None
-            )
-            pbar = tqdm(
-                total=self.max_steps,
-                initial=self.step,
-                disable=not self.progress,
-                desc=self.run_dir.name,
-                dynamic_ncols=True,
-            )
+            log = TrainingLog(self.run_dir, self.step, self.max_steps, resumed_at, self.progress)
         self.status = "running"
         self.model.train()
         window: dict[str, list[float]] = {}
@@ -697,32 +409,28 @@ class Trainer:
                     self.elapsed = elapsed0 + time.perf_counter() - t0
                     for k, v in metrics.items():
                         window.setdefault(k, []).append(v)
-                    if pbar is not None:
-                        pbar.update(1)
+                    if log is not None:
+                        log.step_done()
                     done = self.step >= self.max_steps
                     row: dict[str, Any] = {}
                     if self.step % self.log_every == 0 or done:
                         n = len(window.get("loss", [])) or 1
-                        train = self._reduce_window(window)
+                        train = reduce_window(window)
                         train["lr"] = float(self.optimizer.param_groups[0]["lr"])
                         train["steps_per_s"] = n / max(time.perf_counter() - t_window, 1e-9)
                         window, t_window = {}, time.perf_counter()
                         self.last_train = train
                         row.update(train)
-                        if pbar is not None:
-                            pbar.set_postfix(loss=f"{train['loss']:.4g}", lr=f"{train['lr']:.2e}")
+                        if log is not None:
+                            log.show(train)
                     improved = False
                     if self.val_fn is not None and self.val_every and (self.step % self.val_every == 0 or done):
                         val = self._validate()
                         row.update({f"val_{k}": v for k, v in val.items()})
                         improved = self._improved(val)
                     if row and self.is_main:
-                        assert writer is not None and csv_log is not None
-                        for k, v in row.items():
-                            tag = f"val/{k[4:]}" if k.startswith("val_") else f"train/{k}"
-                            writer.add_scalar(tag, v, self.step)
-                        writer.flush()
-                        csv_log.append({"step": self.step, "epoch": self.epoch, **row, "wall_time": round(self.elapsed, 3)})
+                        assert log is not None
+                        log.write(self.step, self.epoch, row, round(self.elapsed, 3))
                     if self.sample_fn is not None and self.sample_every and (self.step % self.sample_every == 0 or done):
                         self._sample()
                     periodic = self.step % self.ckpt_every == 0
@@ -740,23 +448,12 @@ class Trainer:
             self.status = "interrupted"
             raise
         finally:
-            if pbar is not None:
-                pbar.close()
-            if writer is not None:
-                writer.close()
+            if log is not None:
+                log.close()
             if self.is_main and self.status in ("completed", "diverged"):
                 write_json_atomic(self.run_dir / "metrics.json", self._summary(), sort_keys=True)
         dist_utils.barrier()
         return self._summary()
 
 
-__all__ = [
-    "EMA",
-    "ResumableSampler",
-    "Stateful",
-    "Trainer",
-    "TrainingDiverged",
-    "move_to_device",
-    "preserved_rng",
-    "steps_per_epoch",
-]
+__all__ = ["Stateful", "Trainer", "TrainingDiverged", "move_to_device"]

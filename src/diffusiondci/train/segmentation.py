@@ -56,8 +56,9 @@ from ..segmentation.features import DiffusionFeatureExtractor
 from ..segmentation.model import SEG_FORMAT, SEG_META, SegmentationModel
 from ..segmentation.run import load_segmenter
 from . import distributed as dist_utils
+from .data_order import steps_per_epoch
 from .dsdm import UNET_PRESETS
-from .loop import Trainer, steps_per_epoch
+from .loop import Trainer
 
 __all__ = [
     "SegConfig",
