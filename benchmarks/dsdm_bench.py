@@ -25,7 +25,8 @@ from diffusiondci.config import build, load_section
 from diffusiondci.data.imageio import read_rgb
 from diffusiondci.data.patch_dataset import PatchDataset
 from diffusiondci.data.prepare import PrepareConfig, prepare_dataset
-from diffusiondci.diffusion.pipeline import SampleConfig, generate, sample_to_folder
+from diffusiondci.diffusion.generate import generate
+from diffusiondci.diffusion.pipeline import SampleConfig, sample_to_folder
 from diffusiondci.diffusion.schedule import DiffusionSchedule
 from diffusiondci.evaluation.generation_metrics import ModuleFeatureExtractor, frechet_distance
 from diffusiondci.models.unet import DSDMUNet, tiny_config

@@ -208,7 +208,7 @@ def test_resume_matches_uninterrupted(inputs, tmp_path):
 
 
 def test_wrong_checkpoint_rejected(inputs, tmp_path_factory, tmp_path):
-    from diffusiondci.diffusion.pipeline import load_dsdm
+    from diffusiondci.diffusion.dsdm_run import load_dsdm
 
     base = tmp_path_factory.getbasetemp() / "dsdm_shared"
     cond, uncond = conditional_run(base, inputs), unconditional_run(base, inputs)

@@ -104,7 +104,7 @@ def test_probe_outputs(probed):
     assert seg["blocks"] == sorted(m["block"] for m in saved["top_blocks"])
     assert seg["timesteps"] == [saved["top_timesteps"][0]["timestep"]]
     # channels / resolution are those of the DSDM's decoder taps
-    from diffusiondci.diffusion.pipeline import load_dsdm
+    from diffusiondci.diffusion.dsdm_run import load_dsdm
 
     shapes = load_dsdm(saved["settings"]["dsdm_run"], device="cpu")[0].decoder_feature_shapes
     for r in rows:

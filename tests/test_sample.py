@@ -14,14 +14,9 @@ from PIL import Image
 
 from diffusiondci.data.imageio import read_mask, read_rgb
 from diffusiondci.data.patch_dataset import PatchDataset
-from diffusiondci.diffusion.pipeline import (
-    SampleConfig,
-    batch_generator,
-    generate,
-    guided_model_fn,
-    load_dsdm,
-    sample_to_folder,
-)
+from diffusiondci.diffusion.dsdm_run import load_dsdm
+from diffusiondci.diffusion.generate import batch_generator, generate, guided_model_fn
+from diffusiondci.diffusion.pipeline import SampleConfig, sample_to_folder
 from diffusiondci.diffusion.samplers import ddim_sample
 from diffusiondci.diffusion.schedule import DiffusionSchedule
 from diffusiondci.errors import UserInputError

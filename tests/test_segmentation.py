@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from diffusiondci.cli import app
 from diffusiondci.config import build, load_section
 from diffusiondci.data.patch_dataset import PatchDataset
-from diffusiondci.diffusion.pipeline import load_dsdm
+from diffusiondci.diffusion.dsdm_run import load_dsdm
 from diffusiondci.errors import UserInputError
 from diffusiondci.models.segmenter import Segmenter, init_from_dsdm, segmenter_unet_config
 from diffusiondci.models.unet import DSDMUNet

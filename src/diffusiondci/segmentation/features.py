@@ -87,7 +87,7 @@ class DiffusionFeatureExtractor(nn.Module):
         device: str | torch.device | None = None,
     ) -> DiffusionFeatureExtractor:
         """Load the EMA weights of a ``train-dsdm`` run folder."""
-        from ..diffusion.pipeline import load_dsdm
+        from ..diffusion.dsdm_run import load_dsdm
 
         model, schedule, info = load_dsdm(run_dir, checkpoint=checkpoint, ema=True, device=device or "cpu")
         return cls(model, schedule, info.encoder, blocks, timesteps, seed)

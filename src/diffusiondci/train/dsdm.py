@@ -24,7 +24,7 @@ features F_1 from a noise-free reference DCI image I"); its embedding comes from
 cache (``embeddings.safetensors``) when that cache was built from this very dataset folder, and is
 computed with the encoder otherwise. Embeddings are fixed during training (the encoder is frozen).
 
-The run folder is self-contained for sampling (:mod:`diffusiondci.diffusion.pipeline`):
+The run folder is self-contained for sampling (:mod:`diffusiondci.diffusion.dsdm_run` loads it):
 ``dsdm.json`` (U-Net config, schedule, guidance-dropout settings, the training data's patch size,
 classes and colour-normalisation record from its ``dataset.json``), ``encoder/`` (a copy of the
 reference encoder) and the Trainer's ``checkpoints/`` (weights + EMA weights), ``log.csv``, ``tb/``.
@@ -430,7 +430,9 @@ def _make_sample_fn(train_set: ReferencedPatches, schedule: DiffusionSchedule, c
 
     def sample_fn(model: nn.Module, step: int, out_dir: Path) -> None:
         from ..data.imageio import write_png_atomic
-        from ..diffusion.pipeline import colour_mask, generate, make_grid
+        from ..data.preview import colour_mask
+        from ..diffusion.generate import generate
+        from ..diffusion.picture_grid import make_grid
 
         k = min(cfg.sample_count, len(order))
         items = [train_set[i] for i in order[:k]]

@@ -259,7 +259,7 @@ def build_model(
     cfg: SegConfig, image_size: int, dsdm_run: Path | None
 ) -> tuple[SegmentationModel, dict[str, Any], dict[str, Any] | None]:
     """The segmentation model, its architecture record and the DSDM initialisation report."""
-    from ..diffusion.pipeline import load_dsdm
+    from ..diffusion.dsdm_run import load_dsdm
 
     if dsdm_run is None:
         if cfg.injection != "none" or cfg.init == "dsdm":

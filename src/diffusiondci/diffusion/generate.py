@@ -1,0 +1,148 @@
+"""Generating images with a DSDM: classifier-free guided DDPM / DDIM sampling, seeded batch by batch.
+
+:func:`generate` runs DDPM or DDIM (:mod:`.samplers`) with classifier-free guidance (eq. 17,
+:func:`.guidance.cfg_model_fn`, s = 3 by default) on label masks and reference embeddings. Batch
+``b`` (of ``batch_size`` samples, in input order) draws all its noise from a CPU
+``torch.Generator`` seeded with ``derive(seed, b)``: the same seed and batch size give the same
+images bit for bit, on any device for the initial noise. For the unconditional baseline (no mask,
+no reference) the guidance scale is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import UserInputError
+from ..models.conditions import mask_one_hot
+from ..models.unet import DSDMUNet
+from ..runs.seeds import derive_seed
+from .guidance import PAPER_GUIDANCE_SCALE, cfg_model_fn
+from .samplers import DEFAULT_FRACTIONS, ModelFn, ddim_sample, ddpm_sample
+from .schedule import DiffusionSchedule
+
+__all__ = ["DDIM_DEFAULT_STEPS", "SAMPLERS", "batch_generator", "check_sampler", "generate", "generate_batch",
+           "guided_model_fn"]
+
+SAMPLERS = ("ddpm", "ddim")
+DDIM_DEFAULT_STEPS = 50
+
+
+def guided_model_fn(
+    model: DSDMUNet, masks: torch.Tensor, refs: torch.Tensor | None, guidance: float = PAPER_GUIDANCE_SCALE
+) -> ModelFn:
+    """``model_fn(x_t, t)`` for the samplers, conditioned on ``masks`` (labels ``(N, H, W)``) and
+    ``refs`` (``(N, D)`` embeddings; None = NULL reference) with guidance scale ``guidance`` (eq. 17).
+
+    Only the conditions the architecture uses take part (the null pass replaces exactly those);
+    with none (the unconditional baseline) the guidance scale is ignored.
+    """
+    cfg = model.config
+    dev = next(model.parameters()).device
+    cond: dict[str, torch.Tensor] = {}
+    null: dict[str, torch.Tensor] = {}
+    if cfg.decoder_norm == "spade":
+        cond["mask"] = mask_one_hot(masks.to(dev), cfg.num_mask_classes)
+        null["mask"] = torch.zeros_like(cond["mask"][0])
+    if cfg.use_reference:
+        assert model.null_ref is not None
+        null_ref = model.null_ref.detach()
+        cond["ref"] = refs.to(dev, torch.float32) if refs is not None else null_ref.expand(masks.shape[0], -1)
+        null["ref"] = null_ref
+    if not cond or float(guidance) == 0.0:
+        return lambda x, t: model(x, t, **cond)
+    return cfg_model_fn(model, cond, null, float(guidance))
+
+
+def check_sampler(sampler: str) -> None:
+    if sampler not in SAMPLERS:
+        raise UserInputError(f"unknown sampler {sampler!r}; use one of {', '.join(SAMPLERS)}")
+
+
+def generate_batch(
+    model: DSDMUNet,
+    schedule: DiffusionSchedule,
+    masks: torch.Tensor,
+    refs: torch.Tensor | None,
+    sampler: str,
+    steps: int | None,
+    guidance: float,
+    generator: torch.Generator,
+    eta: float = 0.0,
+    progress: bool | Callable[[int, int], None] = False,
+    return_intermediates: bool = False,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+):
+    size = model.config.image_size
+    if masks.ndim != 3 or tuple(masks.shape[1:]) != (size, size):
+        raise ValueError(f"masks must be (N, {size}, {size}) label maps, got {tuple(masks.shape)}")
+    dev = next(model.parameters()).device
+    fn = guided_model_fn(model, masks, refs, guidance)
+    shape = (masks.shape[0], model.config.in_channels, size, size)
+    kw: dict[str, Any] = dict(
+        device=dev, progress=progress, return_intermediates=return_intermediates,
+        intermediate_fractions=fractions, intermediate_kind="x_t",
+    )
+    if sampler == "ddpm":
+        return ddpm_sample(fn, schedule, shape, generator, steps=steps, **kw)
+    return ddim_sample(fn, schedule, shape, generator, steps=steps or DDIM_DEFAULT_STEPS, eta=eta, **kw)
+
+
+def batch_generator(seed: int, batch_index: int) -> torch.Generator:
+    """The CPU generator of batch ``batch_index`` of a run seeded with ``seed``."""
+    return torch.Generator().manual_seed(derive_seed(int(seed), int(batch_index), 17))
+
+
+@torch.no_grad()
+def generate(
+    model: DSDMUNet,
+    schedule: DiffusionSchedule,
+    masks: torch.Tensor,
+    refs: torch.Tensor | None = None,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    guidance: float = PAPER_GUIDANCE_SCALE,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool | Callable[[int, int], None] = False,
+    eta: float = 0.0,
+    return_intermediates: bool = False,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+):
+    """Generate one image per mask: ``(N, 3, H, W)`` float in [-1, 1] on the CPU.
+
+    Args:
+        masks: ``(N, H, W)`` integer labels at the model's patch size.
+        refs: ``(N, D)`` reference embeddings (None: the NULL reference).
+        sampler: ``"ddpm"`` (ancestral, learned variance) or ``"ddim"`` (eta = ``eta``).
+        steps: sampling steps; None = all T for DDPM, 50 for DDIM (respaced otherwise).
+        guidance: s of eq. 17 (0 = the conditional prediction alone).
+        seed: batch ``b`` uses a CPU generator seeded from ``(seed, b)``.
+        progress: passed to the sampler of each batch (True = tqdm bar, or ``fn(step, total)``).
+        return_intermediates: also return the x_t snapshots at ``fractions`` of the run, each
+            ``(N, 3, H, W)``.
+    """
+    check_sampler(sampler)
+    if batch_size < 1:
+        raise UserInputError(f"batch size must be >= 1, got {batch_size}")
+    masks = torch.as_tensor(masks).long()
+    if refs is not None and refs.shape[0] != masks.shape[0]:
+        raise ValueError(f"{refs.shape[0]} references for {masks.shape[0]} masks")
+    outs: list[torch.Tensor] = []
+    snaps: list[list[torch.Tensor]] = []
+    for b, start in enumerate(range(0, masks.shape[0], batch_size)):
+        sl = slice(start, start + batch_size)
+        res = generate_batch(
+            model, schedule, masks[sl], refs[sl] if refs is not None else None, sampler, steps, guidance,
+            batch_generator(seed, b), eta, progress, return_intermediates, fractions,
+        )
+        if return_intermediates:
+            res, s = res
+            snaps.append(s)
+        outs.append(res.detach().float().cpu())
+    images = torch.cat(outs) if outs else torch.zeros(0, 3, model.config.image_size, model.config.image_size)
+    if return_intermediates:
+        return images, [torch.cat([s[k] for s in snaps]) for k in range(len(fractions))] if snaps else []
+    return images
