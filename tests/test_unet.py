@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusiondci.errors import UserInputError
 from diffusiondci.models.attention import CrossAttentionAlignment, EmbeddingTransform
-from diffusiondci.models.unet import DSDMUNet, UNetConfig, paper_config, tiny_config
+from diffusiondci.models.unet import DSDMUNet, UNetConfig, paper_config, tiny_config, tiny_v1_config
 
 N, S = 2, 64
 COMBOS = [("spade", True), ("spade", False), ("group", True), ("group", False)]
@@ -229,7 +229,7 @@ def test_spade_modulation_is_plain_convolutions_as_in_sdm():
     mask[:, 1] = 1.0  # one class everywhere
     betas = {}
     for legacy in (False, True):
-        model = DSDMUNet(tiny_config(spade_modulation_norm=legacy))
+        model = DSDMUNet(tiny_v1_config(spade_modulation_norm=legacy))
         spade = model.decoder_blocks[0].resnet.norm1
         with torch.no_grad():
             betas[legacy] = spade.mlp_beta(spade.mlp_shared(mask))
@@ -241,7 +241,7 @@ def test_spade_modulation_is_plain_convolutions_as_in_sdm():
     assert UNetConfig.from_dict(old_record).spade_modulation_norm is True
     assert UNetConfig.from_dict(tiny_config().to_dict()).spade_modulation_norm is False
     # same parameters either way: a checkpoint loads into both
-    DSDMUNet(tiny_config(spade_modulation_norm=True)).load_state_dict(DSDMUNet(tiny_config()).state_dict())
+    DSDMUNet(tiny_v1_config(spade_modulation_norm=True)).load_state_dict(DSDMUNet(tiny_v1_config()).state_dict())
 
 
 def test_spade_weights_initialise_group_backbone():
@@ -251,7 +251,10 @@ def test_spade_weights_initialise_group_backbone():
     result = group.load_state_dict(spade.state_dict(), strict=False)
     assert result.missing_keys and result.unexpected_keys
     assert all(k.startswith("decoder_blocks.") and ".resnet.norm" in k for k in result.missing_keys)
-    assert all(k.startswith("decoder_blocks.") and ".resnet.norm" in k for k in result.unexpected_keys)
+    assert all(
+        (k.startswith("decoder_blocks.") and ".resnet.norm" in k) or k.startswith("mask_encoders.")
+        for k in result.unexpected_keys
+    )
 
 
 def test_config_validation():
@@ -310,3 +313,52 @@ def test_paper_config_builds():
     print(f"paper forward batch 1 at 256 px: {time.perf_counter() - t0:.2f} s")
     assert out.shape == (1, 6, 256, 256)
     assert feats[10].shape == (1, 128, 64, 64)
+
+
+def test_shared_spade_reads_the_mask_once_per_level_and_modulates_per_norm():
+    """Shared mode: one mask encoder per decoder level, a 2C-channel gamma/beta conv per norm; a class
+    painted everywhere shifts the features uniformly (plain convolutions, away from the border)."""
+    torch.manual_seed(0)
+    model = DSDMUNet(tiny_config(spade_mode="shared", spade_kernel_size=1))
+    assert model.mask_encoders is not None and len(model.mask_encoders) == len(model.config.channels)
+    norm = model.decoder_blocks[0].resnet.norm1
+    assert norm.modulation.out_channels == 2 * norm.norm.num_channels and norm.modulation.kernel_size == (1, 1)
+    mask = torch.zeros(1, 3, 16, 16)
+    mask[:, 2] = 1.0
+    hidden = model.mask_encoders[2](mask, (16, 16))
+    x = torch.randn(1, norm.norm.num_channels, 16, 16)
+    out = norm(x, hidden)
+    gamma, beta = norm.modulation(hidden).chunk(2, dim=1)
+    expected = torch.nn.functional.group_norm(x, norm.norm.num_groups, eps=norm.norm.eps) * (1 + gamma) + beta
+    torch.testing.assert_close(out, expected)
+    inner = beta[..., 1:-1, 1:-1]
+    assert inner.abs().mean() > 1e-3 and inner.std(dim=(2, 3)).max() < 1e-5
+    # the mask matters: another class gives another output
+    other = torch.zeros_like(mask)
+    other[:, 1] = 1.0
+    assert not torch.allclose(norm(x, model.mask_encoders[2](other, (16, 16))), out)
+
+
+def test_mcaa_levels_choose_where_the_reference_enters():
+    model = DSDMUNet(tiny_config(mcaa_levels=(False, True, True)))
+    levels = {b.level for b in model.decoder_blocks if b.mcaa is not None}
+    assert levels == {1, 2} and sorted(model.ref_transforms) == ["1", "2"]
+    x = torch.randn(2, 3, 64, 64)
+    t = torch.tensor([3, 500])
+    with torch.no_grad():
+        for block in model.decoder_blocks:  # make MCAA non-trivial (its output starts at zero)
+            if block.mcaa is not None:
+                torch.nn.init.normal_(block.mcaa.attn.out_proj.weight, std=0.1)
+        a = model(x, t, mask=torch.randint(0, 3, (2, 64, 64)), ref=torch.randn(2, 512))
+        b = model(x, t, mask=torch.randint(0, 3, (2, 64, 64)) * 0, ref=torch.randn(2, 512))
+    assert a.shape == b.shape == (2, 6, 64, 64)
+    with pytest.raises(UserInputError, match="mcaa_levels"):
+        tiny_config(mcaa_levels=(True,))
+    with pytest.raises(UserInputError, match="spade_mode"):
+        tiny_config(spade_mode="fancy")
+    # records round-trip, and a record without the new fields is the per-block, every-level network
+    assert UNetConfig.from_dict(tiny_config().to_dict()) == tiny_config()
+    old = tiny_v1_config().to_dict()
+    for key in ("spade_mode", "spade_kernel_size", "mcaa_levels"):
+        del old[key]
+    assert UNetConfig.from_dict(old).spade_mode == "per_block" and UNetConfig.from_dict(old).mcaa_levels is None

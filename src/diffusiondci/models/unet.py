@@ -66,6 +66,7 @@ from torch import nn
 
 from diffusiondci.errors import UserInputError
 from diffusiondci.models.attention import CrossAttentionAlignment, EmbeddingTransform
+from diffusiondci.models.spade import MaskEncoder, SharedSPADE
 
 __all__ = [
     "DECODER_NORMS",
@@ -73,14 +74,18 @@ __all__ = [
     "DSDMUNet",
     "DecoderBlock",
     "UNetConfig",
+    "UNET_PRESETS",
     "paper_config",
     "tiny_config",
+    "tiny_v1_config",
 ]
 
 #: Classes of the semantic mask (0 background, 1 benign, 2 malignant).
 NUM_MASK_CLASSES = 3
 #: ``decoder_norm`` options: "spade" (mask-conditioned DSDM) or "group" (no-mask ablation / segmentation).
 DECODER_NORMS = ("spade", "group")
+#: ``spade_mode`` options (see :class:`UNetConfig`).
+SPADE_MODES = ("per_block", "shared")
 
 
 @dataclass
@@ -109,12 +114,22 @@ class UNetConfig:
     # of monai Convolution); SDM's are plain convolutions. False (SDM) is the default; records written
     # before this field existed were trained with MONAI's and load with True (see from_dict).
     spade_modulation_norm: bool = False
+    # "per_block": MONAI's SPADE in every norm (SDM's layout: mask encoder + gamma conv + beta conv each);
+    # "shared": one mask encoder per decoder resolution, one fused gamma/beta conv per norm
+    # (diffusiondci.models.spade; about a third of the decoder's convolutions). Records written before
+    # this field existed were per_block, which is therefore the default here.
+    spade_mode: str = "per_block"
+    spade_kernel_size: int = 3  # kernel of the shared-mode gamma/beta convs (SDM: 3; the mask encoder is 3x3)
+    # MCAA after the decoder ResBlocks of these levels (None: every level, as in the paper)
+    mcaa_levels: tuple[bool, ...] | None = None
     use_flash_attention: bool = True  # PyTorch scaled_dot_product_attention
     num_mask_classes: int = field(default=NUM_MASK_CLASSES)
 
     def __post_init__(self) -> None:
         self.channels = tuple(int(c) for c in self.channels)
         self.attention_levels = tuple(bool(a) for a in self.attention_levels)
+        if self.mcaa_levels is not None:
+            self.mcaa_levels = tuple(bool(a) for a in self.mcaa_levels)
         self.validate()
 
     def validate(self, path: str | Path | None = None) -> None:
@@ -134,16 +149,22 @@ class UNetConfig:
             raise bad(f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
         if any(c < 1 or c % self.norm_num_groups for c in self.channels):
             raise bad(f"every channels entry must be a multiple of norm_num_groups={self.norm_num_groups}")
+        if self.mcaa_levels is not None and len(self.mcaa_levels) != levels:
+            raise bad(f"mcaa_levels has {len(self.mcaa_levels)} entries; give one per level ({levels}) or null")
         # the middle block (last level) always has self-attention
         heads_needed = [
             c
             for i, (c, a) in enumerate(zip(self.channels, self.attention_levels))
-            if a or self.use_reference or i == levels - 1
+            if a or self.has_mcaa(i) or i == levels - 1
         ]
         if self.num_head_channels < 1 or any(c % self.num_head_channels for c in heads_needed):
             raise bad(f"channels with attention/MCAA {heads_needed} must be multiples of num_head_channels")
         if self.decoder_norm not in DECODER_NORMS:
             raise bad(f"decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}")
+        if self.spade_mode not in SPADE_MODES:
+            raise bad(f"spade_mode must be one of {SPADE_MODES}, got {self.spade_mode!r}")
+        if self.spade_kernel_size < 1 or self.spade_kernel_size % 2 == 0:
+            raise bad(f"spade_kernel_size must be odd and positive, got {self.spade_kernel_size}")
         if self.use_reference and self.ref_tokens < 2:
             raise bad(f"ref_tokens must be >= 2 (one key makes the MCAA softmax trivially 1), got {self.ref_tokens}")
         for name in ("in_channels", "out_channels", "ref_dim", "spade_hidden_channels", "num_mask_classes"):
@@ -155,6 +176,7 @@ class UNetConfig:
         d = dataclasses.asdict(self)
         d["channels"] = list(self.channels)
         d["attention_levels"] = list(self.attention_levels)
+        d["mcaa_levels"] = list(self.mcaa_levels) if self.mcaa_levels is not None else None
         return d
 
     @classmethod
@@ -176,12 +198,20 @@ class UNetConfig:
     def num_decoder_blocks(self) -> int:
         return len(self.channels) * (self.num_res_blocks + 1)
 
+    def has_mcaa(self, level: int) -> bool:
+        """Whether the decoder ResBlocks of ``level`` are followed by MCAA."""
+        return self.use_reference and (self.mcaa_levels is None or self.mcaa_levels[level])
+
 
 def tiny_config(**overrides: Any) -> UNetConfig:
     """64 px CPU preset: widths (32, 64, 64), 1 ResBlock per level, self-attention at 16x16 only.
 
-    6 decoder blocks; about 3.1 M parameters with the defaults (SPADE + MCAA, K = 16 tokens);
-    1.1 M for the unconditional baseline.
+    Departs from the paper's structure where that buys speed on a CPU (measured in
+    ``benchmarks/dsdm_bench.py``; :func:`tiny_v1_config` is the earlier, paper-shaped tiny network):
+    SPADE's mask encoder runs once per resolution with 1x1 gamma/beta convolutions
+    (``spade_mode="shared"``, ``spade_kernel_size=1``) and MCAA follows the decoder blocks of the two
+    coarser levels only (not the 64x64 one). About 2.3 M parameters with SPADE + MCAA (K = 16 tokens);
+    6 decoder blocks.
     """
     base = dict(
         image_size=64,
@@ -191,6 +221,28 @@ def tiny_config(**overrides: Any) -> UNetConfig:
         num_head_channels=32,
         norm_num_groups=16,
         spade_hidden_channels=32,
+        spade_mode="shared",
+        spade_kernel_size=1,
+        mcaa_levels=(False, True, True),
+        ref_tokens=16,
+    )
+    base.update(overrides)
+    return UNetConfig(**base)
+
+
+def tiny_v1_config(**overrides: Any) -> UNetConfig:
+    """The tiny network before the speed work: SDM-style SPADE in every norm (3x3 convolutions) and
+    MCAA after every decoder block; about 3.1 M parameters (1.1 M for the unconditional baseline).
+    Kept so that ``benchmarks/dsdm_bench.py`` can compare against it."""
+    base = dict(
+        image_size=64,
+        channels=(32, 64, 64),
+        num_res_blocks=1,
+        attention_levels=(False, False, True),
+        num_head_channels=32,
+        norm_num_groups=16,
+        spade_hidden_channels=32,
+        spade_mode="per_block",
         ref_tokens=16,
     )
     base.update(overrides)
@@ -219,6 +271,14 @@ def paper_config(**overrides: Any) -> UNetConfig:
     )
     base.update(overrides)
     return UNetConfig(**base)
+
+
+#: Network presets by name (``dsdm.unet`` in a config file).
+UNET_PRESETS: dict[str, Callable[..., UNetConfig]] = {
+    "tiny": tiny_config,
+    "tiny_v1": tiny_v1_config,
+    "paper": paper_config,
+}
 
 
 class DecoderBlock(nn.Module):
@@ -328,9 +388,22 @@ class DSDMUNet(nn.Module):
             **attn,
         )
 
-        # Psi_FC, one per scale (decoder level), shared by the MCAA blocks of that level.
+        # Psi_FC, one per scale (decoder level) with MCAA, shared by the MCAA blocks of that level.
         self.ref_transforms = (
-            nn.ModuleList(EmbeddingTransform(cfg.ref_dim, c, cfg.ref_tokens) for c in ch) if cfg.use_reference else None
+            nn.ModuleDict(
+                {str(i): EmbeddingTransform(cfg.ref_dim, c, cfg.ref_tokens) for i, c in enumerate(ch) if cfg.has_mcaa(i)}
+            )
+            if cfg.use_reference
+            else None
+        )
+        shared_spade = cfg.decoder_norm == "spade" and cfg.spade_mode == "shared"
+        # shared SPADE: one mask encoder per decoder level (diffusiondci.models.spade)
+        self.mask_encoders = (
+            nn.ModuleList(
+                MaskEncoder(cfg.num_mask_classes, cfg.spade_hidden_channels) for _ in ch
+            )
+            if shared_spade
+            else None
         )
         # Learned NULL reference for classifier-free guidance (zeros at init).
         self.null_ref = nn.Parameter(torch.zeros(cfg.ref_dim)) if cfg.use_reference else None
@@ -358,6 +431,10 @@ class DSDMUNet(nn.Module):
                         ),
                         cfg.spade_modulation_norm,
                     )
+                    if shared_spade:
+                        hid, k = cfg.spade_hidden_channels, cfg.spade_kernel_size
+                        resnet.norm1 = SharedSPADE(in_ch, hid, groups, eps, k)
+                        resnet.norm2 = SharedSPADE(out_ch, hid, groups, eps, k)
                 else:
                     resnet = DiffusionUNetResnetBlock(
                         spatial_dims=2,
@@ -374,7 +451,7 @@ class DSDMUNet(nn.Module):
                 )
                 mcaa = (
                     CrossAttentionAlignment(out_ch, out_ch, cfg.num_head_channels, groups, eps, **attn)
-                    if cfg.use_reference
+                    if cfg.has_mcaa(level)
                     else None
                 )
                 last = j == cfg.num_res_blocks
@@ -446,14 +523,14 @@ class DSDMUNet(nn.Module):
             )
         return mask.to(dtype=x.dtype, device=x.device)
 
-    def _prepare_tokens(self, ref: torch.Tensor | None, n: int, x: torch.Tensor) -> list[torch.Tensor]:
+    def _prepare_tokens(self, ref: torch.Tensor | None, n: int, x: torch.Tensor) -> dict[int, torch.Tensor]:
         assert self.ref_transforms is not None and self.null_ref is not None
         if ref is None:
             ref = self.null_ref.unsqueeze(0).expand(n, -1)
         if tuple(ref.shape) != (n, self.config.ref_dim):
             raise ValueError(f"ref must have shape ({n}, {self.config.ref_dim}), got {tuple(ref.shape)}")
         ref = ref.to(dtype=x.dtype, device=x.device)
-        return [transform(ref) for transform in self.ref_transforms]
+        return {int(level): transform(ref) for level, transform in self.ref_transforms.items()}
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -498,7 +575,14 @@ class DSDMUNet(nn.Module):
             t = t.expand(n)
         emb = self.time_embed(get_timestep_embedding(t, cfg.channels[0]).to(x_t.dtype))
         seg = self._prepare_mask(mask, x_t) if cfg.decoder_norm == "spade" else None
-        tokens = self._prepare_tokens(ref, n, x_t) if cfg.use_reference else None
+        tokens = self._prepare_tokens(ref, n, x_t) if cfg.use_reference else {}
+        # what each level's SPADE reads: the mask itself, or (shared mode) its level's encoded mask
+        level_seg: dict[int, torch.Tensor | None] = {}
+        for level in range(len(cfg.channels)):
+            if self.mask_encoders is not None and seg is not None:
+                level_seg[level] = self.mask_encoders[level](seg, (h // 2**level, w // 2**level))
+            else:
+                level_seg[level] = seg
 
         hid = self.conv_in(x_t)
         skips = [hid]
@@ -510,7 +594,7 @@ class DSDMUNet(nn.Module):
         features: dict[int, torch.Tensor] = {}
         last_wanted = max(wanted) if wanted else -1
         for i, block in enumerate(self.decoder_blocks):
-            hid = block(hid, skips.pop(), emb, seg, tokens[block.level] if tokens is not None else None)
+            hid = block(hid, skips.pop(), emb, level_seg[block.level], tokens.get(block.level))
             if inject is not None and i in inject:
                 hid = inject[i](hid)
             if i in wanted:
