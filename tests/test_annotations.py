@@ -237,3 +237,36 @@ def test_exported_classes_carry_the_overlay_colours():
                for f in mask_to_geojson(mask)["features"]}
     assert colours == {"Benign": list(LABEL_COLOURS[1]), "Malignant": list(LABEL_COLOURS[2])}
     assert colour_mask(np.array([1, 2])).tolist() == [list(LABEL_COLOURS[1]), list(LABEL_COLOURS[2])]
+
+
+def test_qupath_derived_classes(tmp_path):
+    def derived(geometry, names):
+        return {"type": "Feature", "geometry": geometry,
+                "properties": {"objectType": "annotation", "classification": {"names": names, "color": [1, 2, 3]}}}
+
+    obj = collection(derived(rect(0, 0, 10, 10), ["Tumor", "Positive"]),        # first part known: 2
+                     derived(rect(10, 0, 20, 10), ["Stroma", "Benign"]),        # first *known* part: 1
+                     feature(rect(0, 10, 10, 20), "Benign: Negative"))          # a name written joined: 1
+    mask = load_geojson(write(tmp_path, obj)).rasterize(0, 0, 20, 20)
+    assert (mask[:10, :10] == 2).all() and (mask[:10, 10:] == 1).all() and (mask[10:, :10] == 1).all()
+    # the full name wins over its parts, and an unmapped derived class is reported by its full name
+    cmap = tmp_path / "map.json"
+    cmap.write_text(json.dumps({"Tumor: Positive": 1}))
+    assert (load_geojson(write(tmp_path, obj), load_class_map(cmap)).rasterize(0, 0, 10, 10) == 1).all()
+    with pytest.raises(UserInputError, match="'Necrosis: Positive'"):
+        load_geojson(write(tmp_path, collection(derived(rect(0, 0, 10, 10), ["Necrosis", "Positive"]))))
+
+
+def test_unknown_class_suggests_stroma_as_background(tmp_path):
+    with pytest.raises(UserInputError, match=r'"Stroma": 0'):
+        load_geojson(write(tmp_path, collection(feature(rect(0, 0, 10, 10), "Stroma"))))
+
+
+def test_warning_when_annotations_lie_outside_the_slide(tmp_path):
+    ann = load_geojson(write(tmp_path, collection(feature(rect(100, 50, 300, 250), "Tumor"))))
+    assert ann.fraction_inside(400, 400) == 1.0 and not ann.warn_if_outside(400, 400)
+    assert abs(ann.fraction_inside(150, 200) - 0.25) < 1e-9  # x 100..200 of 100..300, y 50..150 of 50..250
+    with pytest.warns(UserWarning, match=r"a\.geojson: only 25% of the annotated area lies inside the slide: "
+                                         r"the annotations span x 100\.\.300, y 50\.\.250 px but the slide is "
+                                         r"200x150 px \(width x height\)"):
+        assert ann.warn_if_outside(150, 200)

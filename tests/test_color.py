@@ -321,3 +321,32 @@ def test_save_before_after(tmp_path, dci):
     assert (img[:band] < 128).any()  # labels drawn
     with pytest.raises(ValueError):
         color.save_before_after(before, after[:-1], tmp_path / "x.png")
+
+
+def test_numpy_lab_matches_kornia():
+    """data/lab.py re-implements kornia's CIELAB in float32 numpy: same numbers to float32 rounding."""
+    import torch
+    from kornia.color import lab_to_rgb, rgb_to_lab
+
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (256, 512, 3), dtype=np.uint8)
+    rgb[0, :256] = np.arange(256)[:, None]  # every grey level, black and white included
+    ref = rgb_to_lab(torch.from_numpy(rgb).permute(2, 0, 1).float() / 255).permute(1, 2, 0).numpy()
+    lab = color.rgb_to_lab(rgb)
+    assert np.abs(lab - ref).max() < 1e-3  # |a*|, |b*| ~ 100: a few float32 ulps
+    shifted = lab * np.float32(1.1) + np.float32(3.0)  # out of gamut in places: clipped alike
+    ref_rgb = lab_to_rgb(torch.from_numpy(shifted).permute(2, 0, 1), clip=True)
+    ref_rgb = ref_rgb.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    diff = np.abs(color.lab_to_rgb(shifted).astype(int) - ref_rgb)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-4
+
+
+def test_threads_do_not_change_statistics(dci):
+    _, cast, _ = dci
+    one = color.compute_slide_tile_stats(FakeSlide(cast), TILE, thumbnail_factor=8, workers=1)
+    four = color.compute_slide_tile_stats(FakeSlide(cast), TILE, thumbnail_factor=8, workers=4)
+    assert one[0].keys() == four[0].keys()
+    for key, s in one[0].items():
+        np.testing.assert_array_equal(s.mean, four[0][key].mean)
+        np.testing.assert_array_equal(s.std, four[0][key].std)
+    np.testing.assert_array_equal(one[1], four[1])

@@ -313,3 +313,177 @@ def test_every_command_has_help(monkeypatch, capsys):
     for command in commands:
         code, out, _ = run_cli([command, "--help"], monkeypatch, capsys)
         assert code == 0 and "--out" in out, command
+
+
+# --------------------------------------------------------------------------- optimised path = reference
+def _reference_patches(rgb: np.ndarray, roi: int, stride: int, patch: int, tile: int, min_tissue: float):
+    """The straightforward computation the threaded, chunked, group-wise path must reproduce: the
+    whole slide in memory, kornia's CIELAB, per-tile Reinhard statistics and transfer with the soft
+    tissue weight (defaults of TissueConfig), then each ROI cropped (zero-padded) and box-resized."""
+    import torch
+    from kornia.color import lab_to_rgb, rgb_to_lab
+
+    from diffusiondci.data.tiling import roi_grid
+
+    def lab_of(image):
+        return rgb_to_lab(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255)
+
+    def soft_weight(lab):
+        L, chroma = lab[0], torch.hypot(lab[1], lab[2])
+        dark_ok = ((L - 10) / 6 + 0.5).clamp(0, 1)
+        bright = ((L - 85) / 6 + 0.5).clamp(0, 1)
+        grey = ((12 - chroma) / 6 + 0.5).clamp(0, 1)
+        return dark_ok * (1 - bright * grey)
+
+    def hard_mask(lab):
+        return (lab[0] > 10) & ~((lab[0] >= 85) & (torch.hypot(lab[1], lab[2]) <= 12))
+
+    h, w = rgb.shape[:2]
+    stats = {}
+    for y in range(0, h, tile):
+        for x in range(0, w, tile):
+            part = rgb[y:y + tile, x:x + tile]
+            lab = lab_of(part[::4, ::4])
+            m = hard_mask(lab)
+            if int(m.sum()) >= 100:
+                px = lab[:, m].double()
+                n = round(int(m.sum()) * part.shape[0] * part.shape[1] / (lab.shape[1] * lab.shape[2]))
+                stats[(y, x)] = (px.mean(1).numpy(), px.std(1, correction=0).numpy(), n)
+    n_all = np.array([s[2] for s in stats.values()], float)
+    t_mean = sum(s[0] * k for s, k in zip(stats.values(), n_all)) / n_all.sum()
+    t_std = sum(s[1] * k for s, k in zip(stats.values(), n_all)) / n_all.sum()
+    out = rgb.copy()
+    for (y, x), (mean, std, _) in stats.items():
+        part = rgb[y:y + tile, x:x + tile]
+        gain = np.clip(t_std / np.maximum(std, 1.0), 0.25, 4.0)
+        offset = t_mean - gain * mean
+        lab = lab_of(part)
+        new = lab * torch.tensor(gain, dtype=torch.float32).view(3, 1, 1) + torch.tensor(
+            offset, dtype=torch.float32).view(3, 1, 1)
+        new[0].clamp_(0, 100)
+        new = lab_to_rgb(new, clip=True)
+        old = torch.from_numpy(np.ascontiguousarray(part)).permute(2, 0, 1).float() / 255
+        blended = old + soft_weight(lab) * (new - old)
+        out[y:y + tile, x:x + tile] = blended.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    patches = {}
+    for x, y in roi_grid(h, w, roi, stride, "shift"):
+        def crop(image):
+            padded = np.zeros((roi, roi, 3), np.uint8)
+            piece = image[y:y + roi, x:x + roi]
+            padded[:piece.shape[0], :piece.shape[1]] = piece
+            return np.array(Image.fromarray(padded).resize((patch, patch), Image.Resampling.BOX))
+        if float(hard_mask(lab_of(crop(rgb))).float().mean()) >= min_tissue:
+            patches[f"s_x{x}_y{y}"] = crop(out)
+    return patches
+
+
+def test_optimised_path_matches_reference(tmp_path, monkeypatch):
+    """Tiled-TIFF reads, numpy CIELAB, chunks, threads and overlapping ROIs normalised once give the
+    patches of the straightforward computation: equal up to float32 rounding (at most 1/255)."""
+    from diffusiondci.data import parallel
+    from diffusiondci.data.phantom import generate_slide
+
+    slide = generate_slide((600, 610), tile_size=128, seed=11)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    tifffile.imwrite(folder / "s.tif", slide.rgb, photometric="rgb", tile=(64, 64), compression="zlib")
+    Image.fromarray(slide.mask).save(folder / "s_mask.png")
+    monkeypatch.setattr(parallel, "default_workers", lambda: 3)  # threads even on one CPU
+    monkeypatch.setattr(prepare_mod, "default_workers", lambda: 3)
+    # stride = ROI: the border ("shift") windows overlap the last regular ones and are cut together
+    cfg = tiny_cfg(roi_size=192, stride=192, patch_size=64, tile_size=128, val_fraction=0.0, test_fraction=0.0)
+    assert prepare_mod._clusters([0, 192, 384, 408], 192) == [[0], [192], [384, 408]]
+    out = prepare_dataset(folder, tmp_path / "ds", cfg, log=lambda m: None)
+    reference = _reference_patches(slide.rgb, 192, 192, 64, 128, cfg.min_tissue)
+    rows = read_manifest(out)
+    assert [r["id"] for r in rows] == list(reference)  # same ROIs kept, in the grid's order
+    values = differing = 0
+    for row in rows:
+        got = np.asarray(Image.open(out / "images" / f"{row['id']}.png")).astype(int)
+        diff = np.abs(got - reference[row["id"]])
+        assert diff.max() <= 1, row["id"]
+        values, differing = values + diff.size, differing + int((diff > 0).sum())
+        mask = np.asarray(Image.open(out / "masks" / f"{row['id']}.png"))
+        x, y = int(row["x"]), int(row["y"])
+        padded = np.zeros((192, 192), np.uint8)
+        piece = slide.mask[y:y + 192, x:x + 192]
+        padded[:piece.shape[0], :piece.shape[1]] = piece
+        np.testing.assert_array_equal(mask, np.asarray(Image.fromarray(padded).resize((64, 64), Image.Resampling.NEAREST)))
+    print(f"{differing} of {values} patch values differ (by 1)")
+    assert differing / values < 1e-3, f"{differing} of {values} values differ (by 1)"
+
+
+# --------------------------------------------------------------------------- checked up front
+def _slides_folder(sample, tmp_path, n=3) -> Path:
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(n):
+        shutil.copy(sample / "slides" / "phantom_001.png", folder / f"s{i}.png")
+        shutil.copy(sample / "slides" / "phantom_001_mask.png", folder / f"s{i}_mask.png")
+    return folder
+
+
+@pytest.mark.parametrize("content", [
+    {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[9, 9], [90, 9], [90, 90], [9, 9]]]},
+         "properties": {"classification": {"name": "Necrosis"}}}]},
+    "{not json",
+], ids=["unknown-class", "malformed"])
+def test_bad_geojson_of_last_slide_stops_before_any_cutting(sample, tmp_path, monkeypatch, capsys, content):
+    folder = _slides_folder(sample, tmp_path)
+    (folder / "s2_mask.png").unlink()
+    (folder / "s2.geojson").write_text(content if isinstance(content, str) else json.dumps(content))
+
+    def never(*args, **kwargs):
+        raise AssertionError("a slide was read before the inputs were checked")
+
+    monkeypatch.setattr(prepare_mod, "_collect_stats", never)
+    monkeypatch.setattr(prepare_mod, "_extract_slide", never)
+    out = tmp_path / "o"
+    _expect_error(["prepare", folder, "--out", out, "--preset", "tiny"], monkeypatch, capsys, "s2.geojson")
+    assert not out.exists() and not out.with_name("o.partial").exists()
+
+
+def test_bad_options_are_one_line_errors(one_slide, tmp_path, monkeypatch, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    base = ["prepare", one_slide, "--preset", "tiny", "--out"]
+    _expect_error([*base, a_file], monkeypatch, capsys, "a_file", "is a file", "--out")
+    _expect_error([*base, tmp_path / "o", "--edge", "foo"], monkeypatch, capsys, "--edge", "'foo'", "shift")
+    _expect_error([*base, tmp_path / "o", "--val-fraction", "0.6", "--test-fraction", "0.5"],
+                  monkeypatch, capsys, "--val-fraction", "--test-fraction")
+    _expect_error([*base, tmp_path / "o", "--min-tissue", "2"], monkeypatch, capsys, "--min-tissue")
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- suspicious geometry
+def test_annotations_outside_the_slide_are_reported(one_slide, tmp_path, monkeypatch, capsys):
+    (one_slide / "s_mask.png").unlink()
+    far = [[[2000, 2100], [3000, 2100], [3000, 2900], [2000, 2900], [2000, 2100]]]  # slide is 768 px
+    (one_slide / "s.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": far},
+         "properties": {"classification": {"name": "Tumor"}}}]}))
+    with pytest.warns(UserWarning, match=r"s\.geojson: none of the annotated area lies inside the slide.*"
+                                         r"x 2000\.\.3000, y 2100\.\.2900 px but the slide is 768x768 px"):
+        prepare_dataset(one_slide, tmp_path / "o", tiny_cfg(), log=lambda m: None)
+    code, _, err = run_cli(["prepare", one_slide, "--out", tmp_path / "o2", "--preset", "tiny"], monkeypatch, capsys)
+    assert code == 0 and err.startswith("warning: ") and "s.geojson" in err and "768x768" in err, err
+
+
+def test_patch_larger_than_roi_warns(one_slide, tmp_path):
+    with pytest.warns(UserWarning, match=r"--patch-size 96 is larger than --roi-size 64: every ROI is upsampled 1\.50x"):
+        prepare_dataset(one_slide, tmp_path / "o", tiny_cfg(roi_size=64, stride=64, patch_size=96), log=lambda m: None)
+
+
+def test_roi_larger_than_the_slides(one_slide, sample, tmp_path, monkeypatch, capsys):
+    # every slide smaller than the ROI (the paper preset on small images): an error, nothing written
+    err = _expect_error(["prepare", one_slide, "--out", tmp_path / "o", "--preset", "paper"], monkeypatch, capsys,
+                        "the ROI (3450 px, --roi-size) is larger than every slide", "768x768")
+    assert not (tmp_path / "o").exists(), err
+    # one slide smaller than the ROI among larger ones: a warning naming it and both sizes
+    small = np.asarray(Image.open(one_slide / "s.png"))[:150, :180]
+    Image.fromarray(small).save(one_slide / "t.png")
+    Image.fromarray(np.zeros((150, 180), np.uint8)).save(one_slide / "t_mask.png")
+    with pytest.warns(UserWarning, match=r"t\.png: the slide is 180x150 px \(width x height\), smaller than "
+                                         r"the ROI \(192 px, --roi-size\); its patches are padded"):
+        prepare_dataset(one_slide, tmp_path / "o", tiny_cfg(), log=lambda m: None)

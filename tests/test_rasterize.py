@@ -50,3 +50,17 @@ def test_errors_and_cli(sample, tmp_path):
     result = CliRunner().invoke(app, ["rasterize", str(sample / "slides"), "--out", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
     assert list((tmp_path / "cli").glob("*_mask.png"))
+
+
+def test_annotations_outside_the_slide_warn(sample, tmp_path):
+    import json
+    import shutil
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(sample / "slides" / "phantom_001.png", folder / "s.png")
+    square = [[[1000, 1000], [1200, 1000], [1200, 1200], [1000, 1200], [1000, 1000]]]  # slide is 288x320
+    (folder / "s.geojson").write_text(json.dumps({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": square},
+                                                  "properties": {"classification": {"name": "Tumor"}}}))
+    with pytest.warns(UserWarning, match=r"s\.geojson: none of the annotated area.*slide is 288x320 px"):
+        rasterize_paths([folder], tmp_path / "o", log=None)

@@ -320,3 +320,48 @@ def test_region_reads_keep_memory_bounded(tmp_path):
         peak = max(peak, proc.memory_info().rss)
     assert thumb.shape == (256, 256, 3)
     assert peak - before < raw / 3, f"RSS grew by {(peak - before) / 2**20:.0f} MiB for a {raw / 2**20:.0f} MiB slide"
+
+
+# ----------------------------------------------------------------------------------- direct tile reads
+def test_direct_tile_reads_jpeg_threads_and_out_buffer(tmp_path, rgb, labels):
+    """Single-page tiled TIFFs are read tile by tile from the file (no zarr): JPEG tiles decode as
+    tifffile decodes them, reads from several threads agree, and ``out=`` fills a given buffer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    jpeg = tmp_path / "jpeg.tif"
+    tifffile.imwrite(jpeg, rgb, photometric="rgb", tile=(128, 128), compression="jpeg")
+    whole = tifffile.imread(jpeg)
+    with open_slide(jpeg) as slide:
+        assert slide._read_level0_into is not None  # the direct path is the one tested here
+        for x, y, w, h in WINDOWS:
+            np.testing.assert_array_equal(slide.read_region(x, y, w, h), crop_padded(whole, x, y, w, h, 0))
+        windows = [(x, y, 150, 130) for y in range(-20, H, 97) for x in range(-30, W, 111)]
+        with ThreadPoolExecutor(4) as pool:
+            regions = list(pool.map(lambda xywh: slide.read_region(*xywh, fill=7), windows))
+        for (x, y, w, h), region in zip(windows, regions):
+            np.testing.assert_array_equal(region, crop_padded(whole, x, y, w, h, 7))
+        buffer = np.full((130, 150, 3), 99, np.uint8)
+        assert slide.read_region(W - 50, 10, 150, 130, out=buffer) is buffer
+        np.testing.assert_array_equal(buffer, crop_padded(whole, W - 50, 10, 150, 130, 0))
+        with pytest.raises(ValueError, match="out must be"):
+            slide.read_region(0, 0, 10, 10, out=buffer)
+    mask = tmp_path / "mask.tif"  # greyscale strips through the same reader
+    tifffile.imwrite(mask, labels, compression="zlib", rowsperstrip=64)
+    with open_label_image(mask, H, W) as m:
+        np.testing.assert_array_equal(m.read_region(-5, 30, 300, 200), crop_padded(labels, -5, 30, 300, 200, 0))
+
+
+def test_header_only_checks(tmp_path, rgb, labels):
+    png, tif = tmp_path / "s.png", tmp_path / "s.tif"
+    Image.fromarray(rgb).save(png)
+    tifffile.imwrite(tif, rgb, photometric="rgb", tile=(256, 256))
+    assert slides_mod.slide_size(png) == slides_mod.slide_size(tif) == (H, W)
+    Image.fromarray(labels).save(tmp_path / "m.png")
+    slides_mod.check_label_image(tmp_path / "m.png", H, W)
+    with pytest.raises(UserInputError, match="m.png.*mask is 600x700"):
+        slides_mod.check_label_image(tmp_path / "m.png", H, W + 1)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    with pytest.raises(UserInputError, match="grey.png.*not an RGB slide"):
+        slides_mod.slide_size(tmp_path / "grey.png")
+    with pytest.raises(UserInputError, match="--max-pixels"):
+        slides_mod.slide_size(png, max_pixels=1000)

@@ -15,6 +15,11 @@ name is ``properties.classification.name`` (QuPath >= 0.3), ``properties.classif
 string, else ``properties.name`` / ``properties.class``; a feature with none of these is
 "unclassified" and needs a class-map entry ``""`` or ``"Unclassified"``. Names map to labels
 case-insensitively through :data:`DEFAULT_CLASS_MAP`, extended/overridden by a user class map.
+QuPath *derived* classes (``classification.names``, a list such as ``["Tumor", "Positive"]``,
+with or without a ``name``) are looked up by their full name ``"Tumor: Positive"`` first, then
+part by part from the first: the first part with a label gives it (``Tumor`` here); a derived
+class none of whose parts is mapped is reported as unknown under its full name. The same
+part-by-part fallback applies to a ``name`` written as ``"Tumor: Positive"``.
 Unannotated area is 0; where classes overlap **the higher label wins** (malignant over benign over
 background), so an explicit "background" polygon never erases a lesion.
 
@@ -29,6 +34,7 @@ import json
 import os
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -56,8 +62,10 @@ DEFAULT_CLASS_MAP: dict[str, int] = {
 #: Display colours (RGB) written with exported classes, by label: the overlays' colours.
 CLASS_COLOURS: dict[int, list[int]] = {label: list(LABEL_COLOURS[label]) for label in (1, 2)}
 _UNCLASSIFIED = ("", "unclassified")
-_CLASS_MAP_EXAMPLE = '{"Tumor": 2, "Stroma": 1}'
+_CLASS_MAP_EXAMPLE = '{"Tumor": 2, "Stroma": 0}'
 _EXACT_TOLERANCE = 0.3  # mask px; pixel centres are >= 0.35 px from the traced boundary
+#: :meth:`GeoJSONAnnotation.warn_if_outside` warns below this share of lesion area inside the slide.
+MIN_INSIDE = 0.5
 
 
 # --------------------------------------------------------------------------- class maps
@@ -98,20 +106,27 @@ def _effective_map(class_map: Mapping[str, int] | None) -> dict[str, int]:
     return merged
 
 
-def _class_name(props) -> str:
-    """QuPath class of a feature; "" when it has none."""
+def _class_names(props) -> list[str]:
+    """QuPath class of a feature as lookup candidates: its full name first ("" when it has none),
+    then, for a derived class, its parts in order (see the module docstring)."""
     if not isinstance(props, dict):
-        return ""
+        return [""]
     cls = props.get("classification")
+    parts: list[str] = []
+    if isinstance(cls, dict) and isinstance(cls.get("names"), list):
+        parts = [n.strip() for n in cls["names"] if isinstance(n, str) and n.strip()]
     if isinstance(cls, dict) and isinstance(cls.get("name"), str) and cls["name"].strip():
-        return cls["name"].strip()
-    if isinstance(cls, str) and cls.strip():
-        return cls.strip()
-    for key in ("name", "class"):
-        value = props.get(key)
-        if isinstance(value, str) and value.strip():
-            return value.strip()
-    return ""
+        full = cls["name"].strip()
+    elif parts:
+        full = ": ".join(parts)
+    elif isinstance(cls, str) and cls.strip():
+        full = cls.strip()
+    else:
+        full = next((v.strip() for v in (props.get("name"), props.get("class"))
+                     if isinstance(v, str) and v.strip()), "")
+    if not parts and ":" in full:
+        parts = [n.strip() for n in full.split(":") if n.strip()]
+    return [full] + [n for n in parts if n != full]
 
 
 # --------------------------------------------------------------------------- import
@@ -183,6 +198,31 @@ class GeoJSONAnnotation:
             return None
         return tuple(shapely.union_all(list(self.by_label.values())).bounds)
 
+    def fraction_inside(self, height: int, width: int) -> float:
+        """Share of the lesion area inside a ``height x width`` slide (1.0 without lesions)."""
+        if not self.by_label:
+            return 1.0
+        union = shapely.union_all(list(self.by_label.values()))
+        return float(union.intersection(box(0, 0, width, height)).area / union.area) if union.area else 1.0
+
+    def warn_if_outside(self, height: int, width: int, min_inside: float = MIN_INSIDE) -> bool:
+        """Warn (and return True) when less than ``min_inside`` of the lesion area lies inside a
+        ``height x width`` slide: the GeoJSON was probably exported from another resolution or
+        pyramid level, and patches would silently get (almost) empty masks."""
+        inside = self.fraction_inside(height, width)
+        if inside >= min_inside:
+            return False
+        x0, y0, x1, y1 = (round(v) for v in self.bounds)
+        share = "none" if inside == 0 else f"only {inside:.0%}" if inside >= 0.01 else "under 1%"
+        warnings.warn(
+            f"{self.path}: {share} of the annotated area lies inside the slide: the annotations span "
+            f"x {x0}..{x1}, y {y0}..{y1} px but the slide is {width}x{height} px (width x height); "
+            "were they exported from another resolution or pyramid level? Masks get labels only "
+            "from the part inside the slide",
+            UserWarning, stacklevel=2,
+        )
+        return True
+
     def rasterize(self, x: float, y: float, w: float, h: float, out_h: int | None = None,
                   out_w: int | None = None) -> np.ndarray:
         """Label mask (``uint8``, ``out_h x out_w``) of the slide window [x, x+w) x [y, y+h).
@@ -235,8 +275,9 @@ def load_geojson(path: str | Path, class_map: Mapping[str, int] | None = None) -
     for index, feature in enumerate(features):
         if not isinstance(feature, dict) or not isinstance(feature.get("geometry"), dict):
             continue
-        name = _class_name(feature.get("properties"))
-        label = names_to_labels.get(name.lower())
+        names = _class_names(feature.get("properties"))
+        name = names[0]
+        label = next((names_to_labels[n.lower()] for n in names if n.lower() in names_to_labels), None)
         if label is None:
             unknown.add(name)
             continue

@@ -36,6 +36,7 @@ def rasterize_annotation(slide_path: str | Path, geojson_path: str | Path, out_p
     with open_slide(slide_path, max_pixels=max_pixels) as slide:
         height, width = int(slide.height), int(slide.width)
     annotation = load_geojson(geojson_path, class_map)
+    annotation.warn_if_outside(height, width)
     out_h, out_w = math.ceil(height / k), math.ceil(width / k)
     mask = np.zeros((out_h, out_w), np.uint8)
     for y in range(0, out_h, BAND_ROWS):

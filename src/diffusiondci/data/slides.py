@@ -3,10 +3,11 @@
 Whole slide DCI images range from 2592 x 2592 to 21024 x 21024 RGB pixels (paper, Sec. V-A "Dataset"),
 so they are never decoded whole when the format allows otherwise:
 
-* TIFF (plain, tiled or pyramidal, BigTIFF): :mod:`tifffile` exposes level 0 of series 0 as a
-  zarr array (``aszarr``), so :meth:`Slide.read_region` decodes only the tiles or strips the
-  window touches. Uncompressed contiguous TIFFs are memory-mapped instead (a single strip would
-  otherwise be one giant chunk). Layouts ``Y X S`` and planar ``S Y X`` with 3 (RGB) or 4 (RGBA,
+* TIFF (plain, tiled or pyramidal, BigTIFF): :meth:`Slide.read_region` decodes only the tiles
+  or strips the window touches, read straight from the file for single-page levels and through
+  tifffile's zarr store (``aszarr``) otherwise. Uncompressed contiguous TIFFs are memory-mapped
+  instead (a single strip would otherwise be one giant chunk). Reads are thread-safe (the pixel
+  sources are in :mod:`.image_sources`). Layouts ``Y X S`` and planar ``S Y X`` with 3 (RGB) or 4 (RGBA,
   alpha dropped) samples are accepted; 16-bit samples are rescaled to 8 bit (value / 257) with a
   warning.
 * PNG / JPEG cannot be read by region: the header size is checked against ``max_pixels`` before
@@ -22,7 +23,6 @@ from __future__ import annotations
 import abc
 import math
 import os
-import threading
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -31,12 +31,18 @@ import numpy as np
 
 from diffusiondci.errors import UserInputError
 
+from .image_sources import (
+    _check_max_pixels, _is_tiff, _open_tiff, _pil_decode, _pil_open, _TiffLevel, _unreadable,
+)
+
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "LabelImage",
     "Slide",
+    "check_label_image",
     "open_label_image",
     "open_slide",
+    "slide_size",
     "validate_labels",
 ]
 
@@ -46,28 +52,10 @@ DEFAULT_MAX_PIXELS = 30_000 * 30_000
 #: Valid mask labels: 0 background, 1 benign, 2 malignant.
 VALID_LABELS = (0, 1, 2)
 
-_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_PIL_FORMATS = ("PNG", "JPEG")
-_PIL_LOCK = threading.Lock()
 _THUMB_BUDGET_BYTES = 8 * 2**20  # uint8 rows read at once by Slide.thumbnail
 
 # A reader returns the pixels of rows [y0, y1) and columns [x0, x1) (already clipped to the image).
 _Reader = Callable[[int, int, int, int], np.ndarray]
-
-
-def _unreadable(path: Path, reason: object) -> UserInputError:
-    reason = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
-    return UserInputError(f"cannot read image: {reason}; re-export the file", path)
-
-
-def _check_max_pixels(path: Path, height: int, width: int, max_pixels: int) -> None:
-    n = int(height) * int(width)
-    if n > max_pixels:
-        raise UserInputError(
-            f"image is {width}x{height} = {n:,} pixels, above the limit of {max_pixels:,} "
-            f"(decompression-bomb guard); if you trust this file, raise it with --max-pixels {n}",
-            path,
-        )
 
 
 def _check_positive_int(name: str, value: object) -> int:
@@ -82,10 +70,6 @@ def _resolve(path: str | os.PathLike) -> Path:
         raise UserInputError("file not found; check the path", path)
     return path
 
-
-def _is_tiff(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(4) in _TIFF_MAGIC
 
 
 def validate_labels(array: np.ndarray, path: str | os.PathLike | None = None) -> None:
@@ -113,129 +97,6 @@ def validate_labels(array: np.ndarray, path: str | os.PathLike | None = None) ->
 
 
 # --------------------------------------------------------------------------------------------
-# Low-level sources: TIFF (zarr / memmap) and Pillow (decoded once)
-# --------------------------------------------------------------------------------------------
-
-
-class _TiffLevel:
-    """One resolution level of a TIFF series, read lazily; yields (h, w) or (h, w, S) arrays."""
-
-    def __init__(self, path: Path, tif, series, level: int):
-        import zarr
-
-        self.path = path
-        lev = series.levels[level]
-        shape, axes = tuple(lev.shape), lev.axes
-        keep = [i for i, (a, n) in enumerate(zip(axes, shape)) if a in "YX" or n != 1]
-        self.axes = "".join(axes[i] for i in keep)
-        self._prefix = tuple(0 if i not in keep else slice(None) for i in range(len(axes)))
-        self.shape = tuple(shape[i] for i in keep)
-        self.dtype = np.dtype(lev.dtype)
-        self.samples = shape[axes.index("S")] if "S" in self.axes else 1
-        self.height = shape[axes.index("Y")] if "Y" in axes else 0
-        self.width = shape[axes.index("X")] if "X" in axes else 0
-        self._store = None
-        pages = [p for p in lev.pages if p is not None]
-        if lev.dataoffset is not None and len(pages) == 1 and pages[0].is_memmappable:
-            # Uncompressed and contiguous: memory-map it rather than decode one whole-image chunk.
-            dtype = self.dtype.newbyteorder(tif.byteorder)
-            self._array = np.memmap(path, dtype=dtype, mode="r", offset=lev.dataoffset, shape=shape)
-        else:
-            self._store = series.aszarr(level=level)
-            self._array = zarr.open(self._store, mode="r")
-
-    def read(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        index, k = [], 0
-        for item in self._prefix:
-            if isinstance(item, int):
-                index.append(item)
-                continue
-            axis = self.axes[k]
-            k += 1
-            index.append(slice(y0, y1) if axis == "Y" else slice(x0, x1) if axis == "X" else slice(None))
-        try:
-            data = np.asarray(self._array[tuple(index)])
-        except MemoryError:
-            raise
-        except Exception as exc:  # decoder errors of any codec: a damaged file
-            raise _unreadable(self.path, exc) from exc
-        if self.axes == "SYX":
-            data = np.moveaxis(data, 0, -1)
-        return data.astype(data.dtype.newbyteorder("="), copy=False)
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-        self._array = None
-
-
-def _open_tiff(path: Path):
-    import tifffile
-
-    tif = None
-    try:
-        tif = tifffile.TiffFile(path)
-        series = tif.series[0]
-        levels = len(series.levels)
-        size = path.stat().st_size
-        for lev in series.levels:
-            for page in lev.pages:
-                if page is None:
-                    continue
-                ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts) if n]
-                if ends and max(ends) > size:
-                    raise ValueError(f"file is truncated ({size:,} bytes, data extends to {max(ends):,})")
-    except Exception as exc:
-        if tif is not None:
-            tif.close()
-        raise _unreadable(path, exc) from exc
-    return tif, series, levels
-
-
-def _pil_open(path: Path, max_pixels: int):
-    """Open with Pillow after checking the header size; returns the (lazy) image."""
-    from PIL import Image, UnidentifiedImageError
-
-    with _PIL_LOCK:
-        previous = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels  # Pillow raises above 2x, warns above 1x
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(path, formats=_PIL_FORMATS)
-        except Image.DecompressionBombError as exc:
-            raise UserInputError(
-                f"image is larger than the limit of {max_pixels:,} pixels (decompression-bomb "
-                "guard); if you trust this file, raise it with --max-pixels",
-                path,
-            ) from exc
-        except UnidentifiedImageError as exc:
-            raise _unreadable(path, "not a TIFF, PNG or JPEG image") from exc
-        except Exception as exc:
-            raise _unreadable(path, exc) from exc
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous
-    width, height = im.size
-    try:
-        _check_max_pixels(path, height, width, max_pixels)
-    except UserInputError:
-        im.close()
-        raise
-    return im
-
-
-def _pil_decode(path: Path, im, mode: str | None) -> np.ndarray:
-    try:
-        with im:
-            im.load()
-            return np.asarray(im.convert(mode) if mode and im.mode != mode else im)
-    except MemoryError:
-        raise
-    except Exception as exc:
-        raise _unreadable(path, exc) from exc
-
-
-# --------------------------------------------------------------------------------------------
 # Slides
 # --------------------------------------------------------------------------------------------
 
@@ -252,22 +113,31 @@ class _Region(abc.ABC):
     def _read_inside(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels of rows [y0, y1) and columns [x0, x1), all inside the image."""
 
-    def read_region(self, x: int, y: int, w: int, h: int, fill: int | Sequence[int] = 0) -> np.ndarray:
+    def read_region(self, x: int, y: int, w: int, h: int, fill: int | Sequence[int] = 0,
+                    out: np.ndarray | None = None) -> np.ndarray:
         """Return the ``h x w`` window whose top-left corner is ``(x, y)`` (column, row).
 
         The window may extend beyond the image (or lie entirely outside it); those pixels are
-        ``fill``.
+        ``fill``. ``out`` (uint8, the window's shape) receives the pixels instead of a new array:
+        reusing one buffer for many windows saves allocating (and page-faulting) each of them.
         """
         w, h = _check_positive_int("w", w), _check_positive_int("h", h)
         x, y = int(x), int(y)
         shape = (h, w, self._channels) if self._channels else (h, w)
-        out = np.empty(shape, np.uint8)
-        out[...] = fill
+        if out is None:
+            out = np.empty(shape, np.uint8)
+        elif out.shape != shape or out.dtype != np.uint8:
+            raise ValueError(f"out must be uint8 {shape}, got {out.dtype} {out.shape}")
         x0, y0 = max(x, 0), max(y, 0)
         x1, y1 = min(x + w, self.width), min(y + h, self.height)
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+            out[...] = fill
         if x0 < x1 and y0 < y1:
-            out[y0 - y : y1 - y, x0 - x : x1 - x] = self._read_inside(y0, y1, x0, x1)
+            self._read_into(out[y0 - y : y1 - y, x0 - x : x1 - x], y0, y1, x0, x1)
         return out
+
+    def _read_into(self, dst: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> None:
+        dst[...] = self._read_inside(y0, y1, x0, x1)
 
     def close(self) -> None:  # pragma: no cover - overridden
         pass
@@ -326,14 +196,22 @@ class Slide(_Region):
 
     _channels = 3
 
-    def __init__(self, path: Path, levels: list[tuple[int, int, _Reader]], close: Callable[[], None]):
+    def __init__(self, path: Path, levels: list[tuple[int, int, _Reader]], close: Callable[[], None],
+                 read_into: Callable[..., np.ndarray] | None = None):
         self.path = path
         self.height, self.width = levels[0][0], levels[0][1]
         self._levels = levels  # (height, width, read) per pyramid level, finest first
         self._close = close
+        self._read_level0_into = read_into  # (y0, y1, x0, x1, out=) for 8-bit RGB tiled levels
 
     def _read_inside(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         return self._levels[0][2](y0, y1, x0, x1)
+
+    def _read_into(self, dst: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> None:
+        if self._read_level0_into is not None:
+            self._read_level0_into(y0, y1, x0, x1, out=dst)
+        else:
+            dst[...] = self._read_inside(y0, y1, x0, x1)
 
     def thumbnail(self, max_side: int) -> np.ndarray:
         """Area-averaged RGB overview whose longest side is at most ``max_side``.
@@ -370,6 +248,31 @@ def _rgb_tiff_level(path: Path, level: _TiffLevel) -> _Reader:
     return lambda y0, y1, x0, x1: _to_rgb8(path, level.read(y0, y1, x0, x1))
 
 
+def _pil_open_rgb(path: Path, max_pixels: int):
+    im = _pil_open(path, max_pixels)
+    if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+        im.close()
+        raise UserInputError(
+            f"not an RGB slide (image mode {im.mode}); convert to RGB (8-bit, 3 channels) and retry", path
+        )
+    return im
+
+
+def slide_size(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """``(height, width)`` of a slide, with the checks of :func:`open_slide` that need no pixels
+    (readable header, RGB, pixel limit); PNG/JPEG are not decoded. For checking inputs up front."""
+    max_pixels = _check_positive_int("max_pixels", max_pixels)
+    path = _resolve(path)
+    if not _is_tiff(path):
+        im = _pil_open_rgb(path, max_pixels)
+        im.close()
+        return im.size[1], im.size[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the 16-bit note comes when the slide is read
+        with open_slide(path, max_pixels) as slide:
+            return slide.height, slide.width
+
+
 def open_slide(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Slide:
     """Open a whole slide (TIFF, PNG or JPEG) for lazy, region-wise reading.
 
@@ -379,13 +282,7 @@ def open_slide(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     max_pixels = _check_positive_int("max_pixels", max_pixels)
     path = _resolve(path)
     if not _is_tiff(path):
-        im = _pil_open(path, max_pixels)
-        if im.mode not in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
-            im.close()
-            raise UserInputError(
-                f"not an RGB slide (image mode {im.mode}); convert to RGB (8-bit, 3 channels) and retry",
-                path,
-            )
+        im = _pil_open_rgb(path, max_pixels)
         array = _pil_decode(path, im, "RGB")
         return Slide(
             path,
@@ -419,7 +316,8 @@ def open_slide(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise _unreadable(path, exc) from exc
     if base.dtype == np.uint16:
         warnings.warn(f"{path}: 16-bit slide rescaled to 8 bit (value / 257)", UserWarning, stacklevel=2)
-    return Slide(path, levels, close)
+    direct = base._segments is not None and base.dtype == np.uint8 and base.axes == "YXS" and base.samples == 3
+    return Slide(path, levels, close, read_into=base._segments.read if direct else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,8 +357,9 @@ class LabelImage(_Region):
             self._close = None
 
 
-def _open_labels(path: str | os.PathLike, max_pixels: int) -> LabelImage:
-    """Open a label image without checking its size against a slide."""
+def _open_labels(path: str | os.PathLike, max_pixels: int, header_only: bool = False):
+    """Open a label image without checking its size against a slide (``header_only``: return its
+    ``(height, width)`` after the checks that need no pixels)."""
     max_pixels = _check_positive_int("max_pixels", max_pixels)
     path = _resolve(path)
     not_single = (
@@ -472,6 +371,9 @@ def _open_labels(path: str | os.PathLike, max_pixels: int) -> LabelImage:
         if im.mode not in ("L", "P", "1", "I", "I;16", "I;16B", "I;16L", "RGB", "RGBA"):
             im.close()
             raise UserInputError(not_single.format(f"image mode {im.mode}"), path)
+        if header_only:
+            im.close()
+            return im.size[1], im.size[0]
         array = _pil_decode(path, im, None)
         if array.dtype == bool:
             array = array.astype(np.uint8)
@@ -496,6 +398,10 @@ def _open_labels(path: str | os.PathLike, max_pixels: int) -> LabelImage:
         level.close()
         tif.close()
 
+    if header_only:
+        close()
+        return level.height, level.width
+
     return LabelImage(path, level.height, level.width, level.read, close)
 
 
@@ -504,11 +410,25 @@ def open_label_image(
 ) -> LabelImage:
     """Open the label mask of a ``height x width`` slide; the sizes must match exactly."""
     labels = _open_labels(path, max_pixels)
-    if (labels.height, labels.width) != (height, width):
+    try:
+        _check_mask_size(path, (labels.height, labels.width), height, width)
+    except UserInputError:
         labels.close()
+        raise
+    return labels
+
+
+def check_label_image(path: str | os.PathLike, height: int, width: int,
+                      max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """The header checks of :func:`open_label_image` (format, single channel, size equal to the
+    slide's), without decoding pixels. For checking inputs up front."""
+    _check_mask_size(path, _open_labels(path, max_pixels, header_only=True), height, width)
+
+
+def _check_mask_size(path, size: tuple[int, int], height: int, width: int) -> None:
+    if tuple(size) != (height, width):
         raise UserInputError(
-            f"mask is {labels.height}x{labels.width} (height x width) but the slide is "
+            f"mask is {size[0]}x{size[1]} (height x width) but the slide is "
             f"{height}x{width}; export the mask at the slide's full resolution",
             path,
         )
-    return labels
