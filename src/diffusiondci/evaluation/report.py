@@ -9,23 +9,31 @@ anything outside the file. All text taken from the folder is HTML-escaped.
 the ``images/`` / ``masks/`` folders of datasets are skipped) and builds the sections it finds
 material for, in this order:
 
-1. overview: title, date, folder and one row per run (a folder with ``config.json``);
-2. experiment results: ``experiment.json``, ``summary.csv`` (``X_mean`` / ``X_std`` columns shown as
-   ``mean ± std``), ``paired.csv`` (gains over a baseline, same seed), ``results.csv`` (collapsible)
+1. overview: title, date and folder;
+2. summary, the answer first: which model segments best, by how much over the plain U-Net, with
+   what spread over seeds (comparison table), each test slide's prediction next to its truth,
+   the contact sheets of generated samples and the training curves of the compared runs;
+3. experiment results: ``experiment.json``, ``summary.csv`` (``X_mean`` / ``X_std`` columns shown as
+   ``mean ± std``), ``paired.csv`` (gains over a baseline, same seed), ``results.csv`` (all folded)
    and the PNG plots beside them;
-3. metrics tables: every ``metrics.json`` (nested dicts flattened, per-class values as a class
-   table, numbers to 4 significant digits) and ``per_image.csv`` (collapsible);
-4. training curves drawn from every ``log.csv`` with matplotlib (Agg canvas, no pyplot state);
-5. generated samples: ``contact_sheet.png``, ``progression.png``, latest ``samples/step_*/samples.png``;
-6. probe: ``probe_heatmap.png``, ``probe.csv`` (block x timestep grid of mIoU), ``probe.json``;
-7. segmentation: ``confusion.png``, ``cases.png``, slide ``*_overlay.png`` with ``*_areas.json``;
-8. other figures: any PNG not shown yet (capped).
+4. metrics tables: every ``metrics.json`` (nested dicts flattened, per-class values as a class
+   table, numbers to 4 significant digits) and ``per_image.csv`` (folded);
+5. training curves drawn from every ``log.csv`` with matplotlib (Agg canvas, no pyplot state);
+6. generated samples: ``contact_sheet.png``, ``progression.png``, latest ``samples/step_*/samples.png``;
+7. probe: ``probe_heatmap.png``, ``probe.csv`` (block x timestep grid of mIoU), ``probe.json``;
+8. segmentation: ``confusion.png``, ``cases.png``, slide ``*_overlay.png`` with ``*_areas.json``;
+9. other figures: any PNG not shown yet (capped);
+10. runs and settings: one row per run (a folder with ``config.json``), folded.
 
-Unreadable or corrupt files never stop the report: each becomes a line under "Warnings".
+Raw keys of the files (column names, JSON keys, settings) are shown only inside folded
+``<details>`` blocks; the summary and the visible text use plain-language labels. Pictures the
+summary shows are not repeated below. Unreadable or corrupt files never stop the report: each
+becomes a line under "Warnings".
 
 This module only assembles the page; the pieces live beside it: ``report_files`` (folder scan and
-safe reading), ``report_html`` (escaping, tables, figures), ``report_runs`` (1), ``report_experiments``
-(2), ``report_metrics`` (3), ``report_curves`` (4) and ``report_figures`` (5-8).
+safe reading), ``report_html`` (escaping, tables, figures), ``report_summary`` (2, with
+``report_comparison`` and ``report_slides``), ``report_experiments`` (3), ``report_metrics`` (4),
+``report_curves`` (5), ``report_figures`` (6-9) and ``report_runs`` (1, 10).
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from .report_figures import other_section, probe_section, samples_section, segme
 from .report_files import MAX_SIDE, MAX_WALK_FILES, scan_folder
 from .report_html import CSS, MAX_IMAGES_PER_SECTION, Builder, esc
 from .report_metrics import metrics_section
-from .report_runs import overview_section
+from .report_runs import overview_section, runs_section
+from .report_summary import summary_section
 
 DEFAULT_NAME = "report.html"
 
@@ -61,17 +70,21 @@ _EXPLAIN = {
     "segmentation": "Results of the tissue segmentation (background, benign, malignant): the confusion matrix, "
                     "example cases and slide-level maps with the area of each class.",
     "other": "Further pictures found in the folder.",
+    "runs": "Each run is one training or evaluation (a folder with a config.json): its stage, how many "
+            "optimisation steps were done, and its settings as the program recorded them.",
 }
 
 
 def _page(title: str, sections: list[tuple[str, str, str]]) -> str:
-    nav = "".join(f'<li><a href="#{sid}">{esc(h)}</a></li>' for sid, h, _ in sections[1:])
+    """The HTML page: the first section without a heading, the contents after the summary (or the first)."""
+    lead = 2 if len(sections) > 1 and sections[1][0] == "summary" else 1
+    nav = "".join(f'<li><a href="#{sid}">{esc(h)}</a></li>' for sid, h, _ in sections[lead:])
     body = []
     for i, (sid, heading, content) in enumerate(sections):
         head = f"<h2>{esc(heading)}</h2>" if i else ""
         body.append(f'<section id="{sid}">{head}{content}</section>')
-        if i == 0 and nav:
-            body.append(f"<nav><b>Contents</b><ul>{nav}</ul></nav>")
+        if i == lead - 1 and nav:
+            body.append(f"<nav><b>Details</b><ul>{nav}</ul></nav>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
@@ -95,6 +108,7 @@ def render_report(root: Path, out: Path | None = None, title: str | None = None)
     found = scan_folder(root)
     b = Builder(root)
     overview = overview_section(b, found, title)
+    summary = summary_section(b, found)  # first, so that the sections below skip what it shows
     for sid, heading, fn in (
         ("experiments", "Experiment results", experiments_section),
         ("metrics", "Metrics", metrics_section),
@@ -103,17 +117,22 @@ def render_report(root: Path, out: Path | None = None, title: str | None = None)
         ("probe", "Feature probe", probe_section),
         ("segmentation", "Segmentation", segmentation_section),
         ("other", "Other figures", other_section),
+        ("runs", "Runs and settings", runs_section),
     ):
         b.add(sid, heading, _EXPLAIN[sid], fn(b, found))
     if found.truncated:
         b.warnings.append(f"the folder holds more than {MAX_WALK_FILES} files; the rest were not looked at")
-    if not b.sections and not found.runs:
+    if not b.sections and not summary:
         overview += ('<p class="note">Nothing recognisable was found in this folder: no run folders '
                      "(config.json), experiment results (experiment.json, summary.csv), metrics.json, "
                      "log.csv or PNG figures.</p>")
     elif b.warnings:
         overview += f'<p class="note">{len(b.warnings)} file(s) could not be read; see Warnings at the end.</p>'
-    sections = [("overview", "Overview", overview), *b.sections]
+    if b.sections and not summary:
+        overview += ('<p class="note">No comparison of models, test-slide results, generated samples or '
+                     "training curves were found to summarise; what the folder holds follows.</p>")
+    head = [("overview", "Overview", overview)] + ([("summary", "Summary", summary)] if summary else [])
+    sections = [*head, *b.sections]
     if b.warnings:
         items = "".join(f"<li>{esc(w)}</li>" for w in b.warnings)
         explain = '<p class="explain">These files were found but could not be used.</p>'

@@ -14,6 +14,13 @@ from .report_files import Found, Unreadable, number, read_csv
 from .report_html import MAX_IMAGES_PER_SECTION, Builder, esc
 
 _NOT_CURVES = {"step", "epoch", "wall_time", "lr", "steps_per_s"}
+_NAMES = {"dice": "Dice", "miou": "mIoU", "loss": "loss", "mse": "MSE", "vlb": "VLB"}
+
+
+def _label(column: str) -> str:
+    """A legend label for a log column: ``val_miou`` -> ``mIoU`` (the panel says validation)."""
+    name = column[len("val_"):] if column.startswith("val_") else column
+    return _NAMES.get(name, name.replace("_", " "))
 
 
 def _series(rows: list[dict[str, str]], col: str) -> tuple[list[float], list[float]]:
@@ -26,7 +33,7 @@ def _series(rows: list[dict[str, str]], col: str) -> tuple[list[float], list[flo
     return xs, ys
 
 
-def _curve_png(fields: list[str], rows: list[dict[str, str]], title: str) -> str | None:
+def curve_png(fields: list[str], rows: list[dict[str, str]], title: str) -> str | None:
     """Train-loss panel (+ validation panel when ``val_*`` columns exist) as a PNG data URI."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -45,7 +52,7 @@ def _curve_png(fields: list[str], rows: list[dict[str, str]], title: str) -> str
         ax = fig.add_subplot(1, len(panels), i + 1)
         for c in cols:
             xs, ys = _series(rows, c)
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=c)
+            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=_label(c))
         every = [y for c in cols for y in _series(rows, c)[1]]
         if name == "training" and every and min(every) > 0 and max(every) / min(every) > 30:
             ax.set_yscale("log")
@@ -54,21 +61,50 @@ def _curve_png(fields: list[str], rows: list[dict[str, str]], title: str) -> str
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    return _png(fig)
+
+
+def _png(fig) -> str:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def compared_curves_png(runs: list[tuple[str, list[dict[str, str]]]]) -> str | None:
+    """One line per run (``(label, log rows)``): training loss, and validation Dice when logged."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [(title, col) for title, col in (("training loss", "loss"), ("validation Dice", "val_dice"))
+              if any(_series(rows, col)[0] for _, rows in runs)]
+    if not panels:
+        return None
+    fig = Figure(figsize=(5.4 * len(panels), 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    for i, (title, col) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for label, rows in runs:
+            xs, ys = _series(rows, col)
+            if xs:
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
 def curves_section(b: Builder, found: Found) -> str:
     parts = []
-    for i, p in enumerate(found.logs):
+    logs = [p for p in found.logs if p not in b.in_summary]
+    for i, p in enumerate(logs):
         if i >= MAX_IMAGES_PER_SECTION:
-            parts.append(f'<p class="note">{len(found.logs) - i} more log(s) not drawn.</p>')
+            parts.append(f'<p class="note">{len(logs) - i} more log(s) not drawn.</p>')
             break
         try:
             fields, rows = read_csv(p)
-            uri = _curve_png(fields, rows, b.rel(p.parent))
+            uri = curve_png(fields, rows, b.rel(p.parent))
         except Unreadable as exc:
             b.warn(p, exc)
             continue
@@ -82,4 +118,4 @@ def curves_section(b: Builder, found: Found) -> str:
     return "".join(parts)
 
 
-__all__ = ["curves_section"]
+__all__ = ["compared_curves_png", "curve_png", "curves_section"]

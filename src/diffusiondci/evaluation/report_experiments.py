@@ -1,7 +1,8 @@
 """The report's experiment results: ``experiment.json``, ``summary.csv``, ``paired.csv``, ``results.csv``.
 
-``X_mean`` / ``X_std`` columns are shown as one ``X (mean ± std)`` column; the raw per-seed results
-and the settings are folded away; the PNG plots beside the files follow.
+``X_mean`` / ``X_std`` columns are shown as one ``X (mean ± std)`` column. The tables keep the raw
+column names, so they are folded (the summary at the top reads them for the reader); the PNG plots
+beside the files follow unless the summary shows them already.
 """
 
 from __future__ import annotations
@@ -69,9 +70,9 @@ def experiments_section(b: Builder, found: Found) -> str:
                     parts.append(f"<p>{esc(fmt(info))}</p>")
             except Unreadable as exc:
                 b.warn(exp / "experiment.json", exc)
-        for name, caption in (("summary.csv", "Summary over seeds (mean ± standard deviation):"),
-                              ("paired.csv", "Gain over the baseline run of the same seed (mean ± standard deviation "
-                                             "over seeds; wins: seeds above the baseline):"),
+        for name, caption in (("summary.csv", "summary over seeds (mean ± standard deviation)"),
+                              ("paired.csv", "gain over the baseline run of the same seed (mean ± standard deviation "
+                                             "over seeds; wins: seeds above the baseline)"),
                               ("results.csv", None)):
             p = exp / name
             if not p.is_file():
@@ -85,9 +86,8 @@ def experiments_section(b: Builder, found: Found) -> str:
                 parts.append(details(f"raw results, one row per run and seed ({len(rows)} rows)",
                                      csv_table(fields, rows)))
             else:
-                parts.append(f"<p>{esc(caption)}</p>")
-                parts.append(_mean_std_table(fields, rows))
-        pngs = sorted(p for p in found.pngs if p.parent == exp)
+                parts.append(details(f"{caption} ({name})", _mean_std_table(fields, rows)))
+        pngs = sorted(p for p in found.pngs if p.parent == exp and p not in b.in_summary)
         parts.append(b.figures(pngs, budget=budget))
     return "".join(parts)
 

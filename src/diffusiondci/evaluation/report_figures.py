@@ -2,8 +2,9 @@
 
 Samples: contact sheets, denoising progressions and the latest ``samples/step_*/samples.png`` of
 each run. Probe: heat map and the ``block x timestep`` mIoU grid of ``probe.csv``. Segmentation:
-confusion matrices, cases and slide overlays with their class areas. Other: pictures no section
-claimed, capped at :data:`MAX_OTHER_IMAGES`.
+confusion matrices, cases and slide overlays with the share of each class (the raw area tables
+folded). Other: pictures no section claimed, capped at :data:`MAX_OTHER_IMAGES`. Pictures the
+summary already shows are not repeated.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 import re
 from pathlib import Path
 
+from .. import CLASS_NAMES
 from .report_files import Found, Unreadable, number, read_csv, read_json
 from .report_html import MAX_IMAGES_PER_SECTION, Builder, cell, csv_table, details, esc
 from .report_metrics import json_tables, metrics_html
@@ -46,7 +48,8 @@ def samples_section(b: Builder, found: Found) -> str:
     budget = [MAX_IMAGES_PER_SECTION]
     latest = _latest_samples(found)
     b.shown.update(_older_samples(found, latest))
-    return (b.figures(_named(found, "contact_sheet.png"), "mask | reference | generated samples", budget)
+    sheets = [p for p in _named(found, "contact_sheet.png") if p not in b.in_summary]
+    return (b.figures(sheets, "mask | reference | generated samples", budget)
             + b.figures(_named(found, "progression.png"), "denoising progression, noise to image", budget)
             + b.figures(latest, "latest samples during training", budget))
 
@@ -100,7 +103,9 @@ def segmentation_section(b: Builder, found: Found) -> str:
     areas = {p.with_name(p.name[: -len("_areas.json")]): p for p in found.areas}
     for ov in overlays:
         stem = ov.with_name(ov.name[: -len("_overlay.png")])
-        parts.append(f"<h3>{esc(stem.name)}</h3>" + b.figures([ov], "predicted classes over the slide", budget))
+        shown = ('<p class="note">The predicted map is shown next to the truth in the summary.</p>'
+                 if ov in b.in_summary else b.figures([ov], "predicted classes over the slide", budget))
+        parts.append(f"<h3>{esc(stem.name)}</h3>" + shown)
         a = areas.pop(stem, None)
         if a is not None:
             parts.append(_areas_html(b, a))
@@ -115,8 +120,23 @@ def _areas_html(b: Builder, path: Path) -> str:
     except Unreadable as exc:
         b.warn(path, exc)
         return ""
-    return ("<p>Area of each class; fractions also as percentages:</p>"
-            + metrics_html(data, fractions=True, label="fraction", fold_other=True))
+    shares = _area_shares(data)
+    line = ("<p>Share of the slide: " + ", ".join(f"{esc(c)} {100 * v:.1f} %" for c, v in shares.items())
+            + "</p>") if shares else ""
+    return line + details("area of each class (pixels, fractions)",
+                          metrics_html(data, fractions=True, label="fraction", fold_other=True))
+
+
+def _area_shares(data: object) -> dict[str, float]:
+    """``{class: fraction of the slide}`` of an ``_areas.json`` (``classes`` layout or flat fractions)."""
+    classes = data.get("classes", data) if isinstance(data, dict) else {}
+    shares = {}
+    for c in CLASS_NAMES:
+        v = classes.get(c) if isinstance(classes, dict) else None
+        v = number(v.get("fraction_of_slide") if isinstance(v, dict) else v)
+        if v is not None and 0 <= v <= 1:
+            shares[c] = v
+    return shares
 
 
 def other_section(b: Builder, found: Found) -> str:

@@ -38,6 +38,11 @@ figure{margin:.6em 0 1.4em}figure img{max-width:100%;height:auto;border:1px soli
 figcaption{font-size:.85em;color:#4a5568}code{background:#f7fafc;padding:0 3px}
 details{margin:.4em 0 1em}summary{cursor:pointer;color:#23466f}
 nav ul{columns:2}ul.warn li{color:#9b2c2c}.note{color:#718096;font-style:italic}
+p.answer{font-size:1.12em;background:#f0fff4;border-left:4px solid #38a169;padding:8px 12px}
+table.summary tr.best td{background:#c6f6d5;font-weight:bold}h4{margin:1.2em 0 .3em;color:#23466f}
+.pair{display:grid;grid-template-columns:1fr 1fr;gap:16px;align-items:start}.pair figure{margin:0}
+section#summary{border:1px solid #cbd5e0;border-radius:6px;padding:4px 18px 12px;margin-top:1em}
+section#summary h2{margin-top:.5em}
 """
 
 
@@ -107,6 +112,7 @@ class Builder:
         self.sections: list[tuple[str, str, str]] = []  # (id, heading, html)
         self.warnings: list[str] = []
         self.shown: set[Path] = set()
+        self.in_summary: set[Path] = set()  # pictures the summary shows; the sections below skip them
 
     def rel(self, path: Path) -> str:
         try:

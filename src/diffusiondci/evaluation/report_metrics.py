@@ -1,8 +1,9 @@
-"""The report's metrics tables: every ``metrics.json`` and ``per_image.csv`` of the folder.
+"""The report's metrics tables: every ``metrics.json`` and ``per_image.csv`` of the folder, folded.
 
 Nested JSON is flattened; per-class values (dicts keyed by class name, ``*per_class`` lists) become
 one class table, square numeric lists a matrix, the rest key/value rows (:func:`metrics_html`, also
-used for slide areas and probe summaries).
+used for slide areas and probe summaries). The tables keep the raw keys, so each file is folded
+under its name and mean Dice / mIoU.
 """
 
 from __future__ import annotations
@@ -103,8 +104,17 @@ def metrics_html(data: Any, fractions: bool = False, label: str = "value", fold_
     return "".join(parts)
 
 
+def _scores_note(data: Any) -> str:
+    """``: Dice 0.845, mIoU 0.7`` for a document with mean scores ("" otherwise)."""
+    if not isinstance(data, dict):
+        return ""
+    found = [(label, number(data.get(k))) for label, k in (("Dice", "mean_dice"), ("mIoU", "mean_iou"))]
+    shown = [f"{label} {fmt(v)}" for label, v in found if v is not None]
+    return ": " + ", ".join(shown) if shown else ""
+
+
 def json_tables(b: Builder, paths: list[Path]) -> str:
-    """Each JSON file as a heading and a table; unreadable files become warnings."""
+    """Each JSON file as a folded table (raw keys) under its name; unreadable files become warnings."""
     parts = []
     for p in paths:
         try:
@@ -112,7 +122,7 @@ def json_tables(b: Builder, paths: list[Path]) -> str:
         except Unreadable as exc:
             b.warn(p, exc)
             continue
-        parts.append(f"<h3>{esc(b.rel(p))}</h3>{metrics_html(data)}")
+        parts.append(details(f"{b.rel(p)}{_scores_note(data)}", metrics_html(data)))
     return "".join(parts)
 
 

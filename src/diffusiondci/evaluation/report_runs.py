@@ -1,7 +1,7 @@
-"""The report's overview: title, date, folder and one row per run (a folder with ``config.json``).
+"""The report's title block and its folded list of runs (one row per folder with ``config.json``).
 
 Each row names the run's stage, the steps done (from ``metrics.json`` or ``log.csv``) and a short
-list of its main settings.
+list of its main settings (raw keys, so the list is folded at the end of the page).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .report_files import Found, Unreadable, number, read_csv, read_json
-from .report_html import MAX_TABLE_ROWS, Builder, esc, fmt, table
+from .report_html import MAX_TABLE_ROWS, Builder, details, esc, fmt, table
 
 _KEY_SETTINGS = ("preset", "data", "encoder", "model", "unet", "decoder_norm", "use_reference", "mode",
                  "label_fraction", "synthetic_ratio", "image_size", "patch_size", "lr", "batch_size", "seed")
@@ -66,17 +66,19 @@ def _run_row(b: Builder, run: Path) -> list[Any]:
 
 
 def overview_section(b: Builder, found: Found, title: str) -> str:
+    """Title and the line saying when and from which folder the page was made."""
     now = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    parts = [f"<h1>{esc(title)}</h1>",
-             f'<p class="meta">Generated {esc(now)} from the folder <code>{esc(b.root)}</code>.</p>']
-    if found.runs:
-        rows = [_run_row(b, r) for r in found.runs]
-        parts.append('<p class="explain">Each row is one training or evaluation run (a folder with a '
-                     "config.json): the stage it belongs to, how many optimisation steps were done, "
-                     "and its main settings.</p>")
-        parts.append(table(["run folder", "stage", "steps done", "status", "key settings"], rows,
-                           limit=MAX_TABLE_ROWS))
-    return "".join(parts)
+    return (f"<h1>{esc(title)}</h1>"
+            f'<p class="meta">Generated {esc(now)} from the folder <code>{esc(b.root)}</code>.</p>')
 
 
-__all__ = ["overview_section"]
+def runs_section(b: Builder, found: Found) -> str:
+    """One row per run: stage, steps done, status and its raw settings, folded."""
+    if not found.runs:
+        return ""
+    rows = [_run_row(b, r) for r in found.runs]
+    return details(f"{len(rows)} run folder(s): stage, steps done, status, settings",
+                   table(["run folder", "stage", "steps done", "status", "key settings"], rows, limit=MAX_TABLE_ROWS))
+
+
+__all__ = ["overview_section", "runs_section"]
