@@ -257,3 +257,32 @@ def test_ddp_two_processes(inputs, tmp_path):
     assert (run / "dsdm.json").is_file() and (run / "encoder" / "encoder.safetensors").is_file()
     state = torch.load(run / "checkpoints" / "latest" / "train_state.pt", weights_only=True)
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+
+
+def test_killed_run_resumes_bit_exact_with_lr_decay_and_augmentation(inputs, tmp_path, monkeypatch):
+    """Same planned steps, killed after the step-2 checkpoint: the cosine LR, the dihedral draws and
+    min-SNR weights continue exactly (the part run is interrupted, not shortened)."""
+    import diffusiondci.train.dsdm as dsdm_mod
+
+    kw = dict(steps=4, ckpt_every=2, sample_every=0, lr_schedule="cosine", lr_warmup=1, lr_min_ratio=0.1,
+              augment="dihedral", loss_weighting="min_snr", autocast="fp32")
+    full = train_dsdm(inputs["data"], tmp_path / "full", micro_config(**kw), encoder_run=inputs["encoder"],
+                      progress=False, device="cpu")
+    real_loss, calls = dsdm_mod.dsdm_loss, {"n": 0}
+
+    def killed_after_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(dsdm_mod, "dsdm_loss", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_dsdm(inputs["data"], tmp_path / "part", micro_config(**kw), encoder_run=inputs["encoder"],
+                   progress=False, device="cpu")
+    monkeypatch.setattr(dsdm_mod, "dsdm_loss", real_loss)
+    train_dsdm(inputs["data"], tmp_path / "part", micro_config(**kw), encoder_run=inputs["encoder"], resume=True,
+               progress=False, device="cpu")
+    a = load_file(str(full / "checkpoints" / "latest" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoints" / "latest" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -24,7 +24,17 @@ import torch
 
 from diffusiondci.diffusion.schedule import DiffusionSchedule
 
-__all__ = ["discretized_gaussian_log_likelihood", "hybrid_loss", "normal_kl", "timestep_sampler"]
+__all__ = [
+    "LOSS_WEIGHTINGS",
+    "discretized_gaussian_log_likelihood",
+    "hybrid_loss",
+    "min_snr_weights",
+    "normal_kl",
+    "timestep_sampler",
+]
+
+#: ``loss_weighting`` options for the L_simple term: uniform over t, or min-SNR-gamma.
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 LAMBDA_VLB = 0.001  # λ of eq. 14 (improved DDPM)
 _LOG2 = math.log(2.0)
@@ -65,6 +75,20 @@ def timestep_sampler(
     return t.to(device) if device is not None else t
 
 
+def min_snr_weights(schedule: DiffusionSchedule, t: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma weights of the eps-MSE (Hang et al. 2023): ``min(SNR_t, gamma) / SNR_t``.
+
+    ``SNR_t = alpha_bar_t / (1 - alpha_bar_t)``. The eps-loss of a low-noise step (large SNR) is
+    down-weighted so that the many nearly clean timesteps do not dominate the gradient; steps with
+    ``SNR_t <= gamma`` keep weight 1. Returns float32 ``(N,)`` on ``t``'s device.
+    """
+    if gamma <= 0:
+        raise ValueError(f"min-SNR gamma must be positive, got {gamma}")
+    abar = schedule.alphas_cumprod[t.cpu()]
+    snr = abar / (1.0 - abar)
+    return (snr.clamp(max=gamma) / snr).float().to(t.device)
+
+
 def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(dim=1)
 
@@ -79,6 +103,7 @@ def hybrid_loss(
     lambda_vlb: float = LAMBDA_VLB,
     mask: torch.Tensor | None = None,
     reduction: str = "none",
+    mse_weights: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """L_hybrid = L_simple + λ·L_vlb (eqs. 14–16); see the module docstring for the λ convention.
 
@@ -92,6 +117,8 @@ def hybrid_loss(
         mask: optional (N,) per-sample weights.
         reduction: ``"none"`` returns (N,) tensors (multiplied by ``mask`` if given); ``"mean"``
             returns the ``mask``-weighted means (Σ w·l / Σ w).
+        mse_weights: optional (N,) weights of the L_simple term only (e.g. :func:`min_snr_weights`);
+            ``mse`` is reported unweighted, ``loss`` uses the weighted term.
 
     Returns:
         dict with ``loss``, ``mse`` (L_simple, mean over C, H, W) and ``vlb`` (L_t in bits/dim).
@@ -112,7 +139,8 @@ def hybrid_loss(
     nll = -_per_sample_mean(discretized_gaussian_log_likelihood(x0, p["mean"], 0.5 * p["log_variance"])) / _LOG2
     vlb = torch.where(t.to(kl.device) == 0, nll, kl)
 
-    loss = mse + lambda_vlb * schedule.num_timesteps * vlb
+    simple = mse if mse_weights is None else mse * mse_weights.to(mse)
+    loss = simple + lambda_vlb * schedule.num_timesteps * vlb
     terms = {"loss": loss, "mse": mse, "vlb": vlb}
     if reduction == "none":
         if mask is None:

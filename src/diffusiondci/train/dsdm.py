@@ -8,6 +8,12 @@ Each optimizer step (paper eqs. 8, 14-17):
    ``p_drop_ref``, ``p_drop_both`` (classifier-free guidance training, §IV-B2c);
 3. loss = L_hybrid = L_simple + lambda * L_vlb (eq. 14, :func:`diffusiondci.diffusion.losses.hybrid_loss`).
 
+The recipe around it (each a config field): the image and its mask get the same random dihedral
+transform (``augment``; flips and quarter turns keep tissue labels valid); L_simple may carry
+min-SNR-gamma weights (``loss_weighting``, Hang et al. 2023); the learning rate warms up over
+``lr_warmup`` steps and then follows ``lr_schedule`` down to ``lr_min_ratio`` of the peak by the last
+planned step; ``autocast`` runs the network in bf16 where the hardware has it natively.
+
 Label-efficient mode (``use_unlabelled``, on by default): classifier-free guidance already trains
 the network on (image, NULL mask, reference) pairs, so a patch without a mask is a valid training
 sample with the NULL mask condition and its own reference embedding. Unlabelled training patches
@@ -47,15 +53,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..data.augment import AUGMENTATIONS, random_dihedral
 from ..data.patch_dataset import PatchDataset, to_uint8_image
 from ..diffusion.guidance import drop_conditions
-from ..diffusion.losses import hybrid_loss, timestep_sampler
+from ..device import AUTOCAST_CHOICES, resolve_autocast
+from ..diffusion.losses import LOSS_WEIGHTINGS, hybrid_loss, min_snr_weights, timestep_sampler
 from ..diffusion.schedule import DiffusionSchedule, ScheduleName
 from ..errors import UserInputError
 from ..models.conditions import mask_one_hot
 from ..models.embedding import embed_dataset
 from ..models.reference_encoder import ReferenceEncoder
-from ..models.unet import DECODER_NORMS, DSDMUNet, UNetConfig, paper_config, tiny_config
+from ..models.unet import DECODER_NORMS, UNET_PRESETS, DSDMUNet, UNetConfig
 from ..runs.formats import DSDM_FORMAT, DSDM_META, DSDM_VERSION
 from ..runs.record import write_run_record
 from ..runs.seeds import derive_seed
@@ -63,6 +71,7 @@ from ..runs.weights import unwrap_model
 from . import distributed as dist_utils
 from .encoder import ENCODER_DIR, load_embeddings, load_encoder_run
 from .loop import Trainer
+from .lr_schedule import LR_SCHEDULES, make_lr_scheduler
 
 __all__ = [
     "DSDMConfig",
@@ -74,8 +83,6 @@ __all__ = [
     "training_conditions",
     "training_embeddings",
 ]
-
-UNET_PRESETS = {"tiny": tiny_config, "paper": paper_config}
 
 
 @dataclass
@@ -112,7 +119,14 @@ class DSDMConfig:
     sample_steps: int = 25  # DDIM steps of the periodic samples
     sample_count: int = 4
     num_workers: int = 0
-    autocast: str | None = None  # None | "bf16"
+    autocast: str | None = None  # auto | bf16 | fp32 (None = fp32); see diffusiondci.device.resolve_autocast
+    lr_schedule: str = "constant"  # constant | cosine | poly (after the warm-up)
+    lr_warmup: int = 0  # linear warm-up steps
+    lr_min_ratio: float = 0.0  # the decayed LR at the last planned step, as a fraction of ``lr``
+    augment: str = "none"  # none | hflip | dihedral (image and mask jointly)
+    loss_weighting: str = "none"  # none | min_snr (weights of L_simple)
+    min_snr_gamma: float = 5.0
+    sample_guidance: list[float] = field(default_factory=lambda: [3.0])  # scales of the periodic previews
     seed: int = 0
     use_unlabelled: bool = True  # unlabelled training patches join with the NULL mask (label-efficient mode)
 
@@ -123,6 +137,18 @@ class DSDMConfig:
             raise UserInputError(f"dsdm.decoder_norm must be one of {DECODER_NORMS}, got {self.decoder_norm!r}")
         if not isinstance(self.unet_overrides, dict):
             raise UserInputError("dsdm.unet_overrides must be a mapping of UNetConfig fields")
+        choices = {
+            "autocast": (self.autocast, (None, *AUTOCAST_CHOICES)),
+            "lr_schedule": (self.lr_schedule, LR_SCHEDULES),
+            "augment": (self.augment, AUGMENTATIONS),
+            "loss_weighting": (self.loss_weighting, LOSS_WEIGHTINGS),
+        }
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise UserInputError(f"dsdm.{name} must be one of {[a for a in allowed if a]}, got {value!r}")
+        if self.lr_warmup < 0 or not 0.0 <= self.lr_min_ratio <= 1.0 or self.min_snr_gamma <= 0:
+            raise UserInputError("dsdm.lr_warmup must be >= 0, dsdm.lr_min_ratio in [0, 1], dsdm.min_snr_gamma > 0")
+        self.sample_guidance = [float(g) for g in self.sample_guidance]
         probs = (self.p_drop_mask, self.p_drop_ref, self.p_drop_both)
         if any(not 0.0 <= p <= 1.0 for p in probs) or sum(probs) > 1.0 + 1e-9:
             raise UserInputError(
@@ -280,17 +306,22 @@ def dsdm_loss(
     p_drop: tuple[float, float, float] = (0.0, 0.0, 0.0),
     generator: torch.Generator | None = None,
     labelled: torch.Tensor | None = None,
+    loss_weighting: str = "none",
+    min_snr_gamma: float = 5.0,
 ) -> dict[str, torch.Tensor]:
     """L_hybrid (eq. 14) of ``model`` on one batch, with classifier-free-guidance dropouts ``p_drop``
     = (mask only, reference only, both) drawn from ``generator``; returns ``loss``, ``mse``, ``vlb``
     (batch means) and ``kept_mask`` / ``kept_ref`` (fractions of samples that kept the condition).
 
     ``labelled`` (bool ``(N,)``, default all True): samples marked False have no mask; they get the
-    NULL mask whatever the draw (their ``mask`` entries are ignored)."""
+    NULL mask whatever the draw (their ``mask`` entries are ignored). ``loss_weighting="min_snr"``
+    weights L_simple by :func:`~diffusiondci.diffusion.losses.min_snr_weights` (``mse`` stays the plain MSE)."""
     mixed, keep = training_conditions(model, x0, mask, ref, p_drop, generator, labelled)
     x_t = schedule.q_sample(x0, t, noise)
     out = model(x_t, t, mask=mixed["mask"], ref=mixed["ref"])
-    terms = hybrid_loss(schedule, out, x0, x_t, t, noise, lambda_vlb=lambda_vlb, reduction="mean")
+    weights = min_snr_weights(schedule, t, min_snr_gamma) if loss_weighting == "min_snr" else None
+    terms = hybrid_loss(schedule, out, x0, x_t, t, noise, lambda_vlb=lambda_vlb, reduction="mean",
+                        mse_weights=weights)
     terms["kept_mask"] = keep["mask"].float().mean()
     terms["kept_ref"] = keep["ref"].float().mean()
     return terms
@@ -372,17 +403,20 @@ def train_dsdm(
     p_drop = (cfg.p_drop_mask, cfg.p_drop_ref, cfg.p_drop_both)
 
     def step_fn(m: nn.Module, batch: dict, step: int) -> dict:
-        x0 = batch["image"]
+        x0, mask = random_dihedral([batch["image"], batch["mask"]], cfg.augment, generator=noise_gen)
         n = x0.shape[0]
         t = timestep_sampler(n, schedule.num_timesteps, generator=noise_gen).to(x0.device)
         noise = torch.randn(x0.shape, generator=noise_gen).to(x0.device)
-        return dsdm_loss(m, schedule, x0, batch["mask"], batch["ref"], t, noise, cfg.lambda_vlb, p_drop, noise_gen,
-                         labelled=batch["labelled"])
+        return dsdm_loss(m, schedule, x0, mask, batch["ref"], t, noise, cfg.lambda_vlb, p_drop, noise_gen,
+                         labelled=batch["labelled"], loss_weighting=cfg.loss_weighting,
+                         min_snr_gamma=cfg.min_snr_gamma)
 
     sample_fn = _make_sample_fn(train_set, schedule, cfg) if cfg.sample_every else None
     batch_size = min(cfg.batch_size, len(dataset))
+    precision = resolve_autocast(cfg.autocast, info.device)
     trainer = Trainer(
         run_dir, model, optimizer, train_set, batch_size, step_fn, cfg.steps, seed=cfg.seed,
+        scheduler=make_lr_scheduler(optimizer, cfg.lr_schedule, cfg.steps, cfg.lr_warmup, cfg.lr_min_ratio),
         # ``steps`` is left out so that a finished run can be extended with --resume --steps N
         config={
             "stage": "dsdm",
@@ -394,7 +428,7 @@ def train_dsdm(
         ema_decay=cfg.ema_decay, ema_warmup=cfg.ema_warmup, log_every=cfg.log_every,
         ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, sample_fn=sample_fn,
         sample_every=cfg.sample_every or None, resume=resume, grad_clip=cfg.grad_clip, device=device,
-        num_workers=cfg.num_workers, autocast=cfg.autocast, progress=progress,
+        num_workers=cfg.num_workers, autocast=precision, progress=progress,
         generators={"dsdm_noise": noise_gen},
     )
     if trainer.is_main:
@@ -409,7 +443,13 @@ def train_dsdm(
                 "p_drop_ref": cfg.p_drop_ref,
                 "p_drop_both": cfg.p_drop_both,
                 "ema_decay": cfg.ema_decay,
+                "ema_warmup": cfg.ema_warmup,
                 "lr": cfg.lr,
+                "lr_schedule": cfg.lr_schedule,
+                "lr_warmup": cfg.lr_warmup,
+                "augment": cfg.augment,
+                "loss_weighting": cfg.loss_weighting,
+                "precision": precision or "fp32",
                 "batch_size": batch_size,
                 "seed": cfg.seed,
                 "use_unlabelled": cfg.use_unlabelled,
@@ -424,7 +464,8 @@ def train_dsdm(
 
 
 def _make_sample_fn(train_set: ReferencedPatches, schedule: DiffusionSchedule, cfg: DSDMConfig):
-    """Periodic samples (rank 0, EMA weights): a few DDIM steps on the first labelled training masks."""
+    """Periodic samples (rank 0, EMA weights): DDIM on the first labelled training masks, one column
+    per guidance scale in ``cfg.sample_guidance`` (same noise), after the mask and the real patch."""
     # unlabelled patches have no mask to sample from (all patches when none is labelled: no-mask ablation)
     order = [i for i, flag in enumerate(train_set.base.labelled) if flag] or list(range(len(train_set)))
 
@@ -438,11 +479,14 @@ def _make_sample_fn(train_set: ReferencedPatches, schedule: DiffusionSchedule, c
         items = [train_set[i] for i in order[:k]]
         masks = torch.stack([it["mask"] for it in items])
         refs = torch.stack([it["ref"] for it in items])
-        images = generate(model, schedule, masks, refs, sampler="ddim", steps=cfg.sample_steps, guidance=3.0,
-                          seed=cfg.seed, batch_size=k)
+        columns = [
+            generate(model, schedule, masks, refs, sampler="ddim", steps=cfg.sample_steps, guidance=s,
+                     seed=cfg.seed, batch_size=k)
+            for s in cfg.sample_guidance
+        ]
         rows = [
-            [colour_mask(it["mask"].numpy()), to_uint8_image(it["image"]), to_uint8_image(img)]
-            for it, img in zip(items, images)
+            [colour_mask(it["mask"].numpy()), to_uint8_image(it["image"])] + [to_uint8_image(c[i]) for c in columns]
+            for i, it in enumerate(items)
         ]
         write_png_atomic(out_dir / "samples.png", make_grid(rows))
 
