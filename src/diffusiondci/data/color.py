@@ -162,11 +162,10 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 
 
 def _to_uint8(rgb01: np.ndarray, out: np.ndarray) -> None:
-    """``3 x N`` float in [0, 1] -> ``out`` (``N x 3`` uint8): x 255, rounded half to even, clipped.
-    ``rgb01`` is overwritten."""
+    """``3 x N`` float in [0, 1] -> ``out`` (``N x 3`` uint8): x 255, rounded half to even.
+    ``rgb01`` is overwritten. (Values past [0, 1] by float rounding still round into 0..255.)"""
     rgb01 *= np.float32(255.0)
     np.rint(rgb01, out=rgb01)
-    np.clip(rgb01, 0, 255, out=rgb01)
     for c in range(3):  # channel by channel: ~3x faster than one transposing copy
         np.copyto(out[:, c], rgb01[c], casting="unsafe")
 
@@ -433,21 +432,29 @@ class TileNormalizer:
         n = len(flat)
         ws = workspace(n)
         lab = lab_from_rgb8(flat, ws)
-        w = _weight_from_lab(lab, self.tissue_cfg, ws.weight[:n], ws.tmp[:n])
-        if not w.any():
-            return  # all background: unchanged
+        cfg = self.tissue_cfg
+        lo, hi = float(lab[0].min()), float(lab[0].max())
+        if hi < cfg.dark_l - cfg.ramp / 2:
+            return  # all clear background (w = 0): unchanged
+        # all clearly tissue (w = 1: not dark, not bright): no weights, no blending
+        w = None
+        if not (lo > cfg.dark_l + cfg.ramp / 2 and hi < cfg.bright_l - cfg.ramp / 2):
+            w = _weight_from_lab(lab, cfg, ws.weight[:n], ws.tmp[:n])
+            if not w.any():
+                return  # all background: unchanged
         gain, offset = self._affine[key]
         lab *= gain
         lab += offset
         np.clip(lab[0], np.float32(0.0), np.float32(100.0), out=lab[0])
         new = rgb_from_lab(lab, ws)  # 3 x N in [0, 1], in ws.rgb
-        # blend with the soft tissue weight: out = old + w (new - old); w = 0 gives old exactly
-        old = ws.tmp[:n]
-        for c in range(3):
-            np.divide(flat[:, c], np.float32(255.0), out=old)  # as uint8 / 255 in float32
-            new[c] -= old
-            new[c] *= w
-            new[c] += old
+        if w is not None:
+            # blend with the soft tissue weight: out = old + w (new - old); w = 0 gives old exactly
+            old = ws.tmp[:n]
+            for c in range(3):
+                np.divide(flat[:, c], np.float32(255.0), out=old)  # as uint8 / 255 in float32
+                new[c] -= old
+                new[c] *= w
+                new[c] += old
         _to_uint8(new, flat)
         if not np.may_share_memory(flat, piece):  # flat was a copy
             piece[...] = flat.reshape(piece.shape)

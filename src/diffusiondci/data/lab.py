@@ -37,6 +37,9 @@ _RGB2XYZ = (np.array([[0.412453, 0.357580, 0.180423],
 _XYZ2RGB = (np.array([[3.2404813432005266, -1.5371515162713185, -0.4985363261688878],
                       [-0.9692549499965682, 1.8759900014898907, 0.0415559265582928],
                       [0.0556466391351772, -0.2040413383665112, 1.0573110696453443]]) * _WHITE[None, :]).astype(_F32)
+# the same with Y first (rows / columns): planes are kept in L*, a*, b* order, f(Y) drives L*
+_RGB2XYZ_YXZ = np.ascontiguousarray(_RGB2XYZ[[1, 0, 2]])
+_XYZ2RGB_YXZ = np.ascontiguousarray(_XYZ2RGB[:, [1, 0, 2]])
 _T0 = _F32(0.008856)     # f(t): cube root above, 7.787 t + 4/29 below
 _F0 = _F32(0.2068966)    # inverse of f: cube above, (f - 4/29) / 7.787 below
 _K = _F32(7.787)
@@ -78,7 +81,10 @@ def workspace(n: int) -> Workspace:
 
 
 def _f_inplace(t: np.ndarray, tmp: np.ndarray) -> None:
-    """``t <- f(t) = cbrt(max(t, t0)) + K (min(t, t0) - t0)``."""
+    """``t <- f(t) = cbrt(max(t, t0)) + K (min(t, t0) - t0)`` (just ``cbrt`` when all ``t > t0``)."""
+    if t.min(initial=np.inf) > _T0:
+        np.cbrt(t, out=t)
+        return
     np.minimum(t, _T0, out=tmp)
     tmp -= _T0
     tmp *= _K
@@ -88,14 +94,9 @@ def _f_inplace(t: np.ndarray, tmp: np.ndarray) -> None:
 
 
 def _lab_from_linear(lin: np.ndarray, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
-    r, g, b = lin
     fy, fx, fz = out  # f(X), f(Y), f(Z) computed into the rows that end up L*, a*, b*
-    for row, f in zip(_RGB2XYZ, (fx, fy, fz)):
-        np.multiply(r, row[0], out=f)
-        np.multiply(g, row[1], out=tmp)
-        f += tmp
-        np.multiply(b, row[2], out=tmp)
-        f += tmp
+    np.einsum("ij,jn->in", _RGB2XYZ_YXZ, lin, out=out)
+    for f in out:
         _f_inplace(f, tmp)
     np.subtract(fy, fz, out=fz)  # b* = 200 (fy - fz)
     fz *= _F32(200.0)
@@ -140,21 +141,25 @@ def rgb_from_lab(lab: np.ndarray, ws: Workspace | None = None) -> np.ndarray:
     np.maximum(b, _F32(0.0), out=b)
     cube = ws.tmp2[:n]
     for f in (a, L, b):  # XYZ relative to white: f^3 above F0, (f - 4/29) / 7.787 below
-        np.minimum(f, _F0, out=tmp)
-        tmp -= _F0
-        tmp /= _K
-        np.maximum(f, _F0, out=f)
+        low = not f.min(initial=np.inf) > _F0
+        if low:
+            np.minimum(f, _F0, out=tmp)
+            tmp -= _F0
+            tmp /= _K
+            np.maximum(f, _F0, out=f)
         np.multiply(f, f, out=cube)
         f *= cube
-        f += tmp
+        if low:
+            f += tmp
     rgb = ws.rgb[:, :n]
-    for row, out in zip(_XYZ2RGB, rgb):
-        np.multiply(a, row[0], out=out)
-        np.multiply(L, row[1], out=tmp)
-        out += tmp
-        np.multiply(b, row[2], out=tmp)
-        out += tmp
+    np.einsum("ij,jn->in", _XYZ2RGB_YXZ, lab, out=rgb)  # the rows of lab now hold Y, X, Z
+    for out in rgb:
         # sRGB curve: 1.055 v^(1/2.4) - 0.055 above _LIN0, 12.92 v below
+        if out.min(initial=np.inf) > _LIN0:
+            np.power(out, _GAMMA, out=out)
+            out *= _F32(1.055)
+            out -= _F32(0.055)
+            continue
         np.subtract(out, _LIN0, out=tmp)
         np.minimum(tmp, _F32(0.0), out=tmp)
         tmp *= _F32(12.92)
