@@ -563,7 +563,7 @@ def save_before_after(before_rgb: np.ndarray, after_rgb: np.ndarray, path: str |
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
     os.close(fd)
     try:
-        img.save(tmp, format="PNG")
+        img.save(tmp, format="PNG", compress_level=1)  # fast zlib (level 6 took several times longer)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -69,11 +69,12 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, sort_keys: bool = False
     return path
 
 
-def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
+def write_png_atomic(path: str | os.PathLike, array: np.ndarray, compress_level: int = 6) -> Path:
     """Write a ``uint8`` ``H x W`` (mask) or ``H x W x 3`` (RGB) array as PNG, atomically.
 
     The PNG is written to a temporary file in the destination folder and moved into place with
     :func:`os.replace`, so readers see either the old file or the complete new one.
+    ``compress_level`` is zlib's (1 fastest, 9 smallest; Pillow's default 6).
     """
     from PIL import Image
 
@@ -86,7 +87,7 @@ def write_png_atomic(path: str | os.PathLike, array: np.ndarray) -> Path:
     tmp = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp"
     try:
         with open(tmp, "xb") as fh:
-            Image.fromarray(np.ascontiguousarray(array)).save(fh, format="PNG")
+            Image.fromarray(np.ascontiguousarray(array)).save(fh, format="PNG", compress_level=compress_level)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

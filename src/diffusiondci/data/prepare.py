@@ -225,7 +225,7 @@ def _collect_stats(job: SlideJob, cfg: PrepareConfig, staging: Path, tissue_cfg)
         tiles, thumb = color.compute_slide_tile_stats(
             slide, cfg.tile_size, tissue_cfg, thumbnail_factor=factor
         )
-        write_png_atomic(staging / "state" / f"{job.stem}.thumb.png", thumb)
+        write_png_atomic(staging / "state" / f"{job.stem}.thumb.png", thumb, compress_level=1)  # temporary
         if job.annotation_kind == "mask":
             _validate_label_image(job, slide.height, slide.width, cfg)
         record = {
@@ -354,7 +354,7 @@ def _extract_slide(
         after = color.TileNormalizer(_tile_dict(stats), target, tile_px).apply(thumb_before, 0, 0)
         color.save_before_after(thumb_before, after, staging / "thumbnails" / f"{job.stem}_colornorm.png")
     else:
-        write_png_atomic(staging / "thumbnails" / f"{job.stem}.png", thumb_before)
+        write_png_atomic(staging / "thumbnails" / f"{job.stem}.png", thumb_before, compress_level=1)
     write_json_atomic(done, rows)
     return rows
 
