@@ -350,3 +350,5 @@ def test_threads_do_not_change_statistics(dci):
         np.testing.assert_array_equal(s.mean, four[0][key].mean)
         np.testing.assert_array_equal(s.std, four[0][key].std)
     np.testing.assert_array_equal(one[1], four[1])
+    norm = color.TileNormalizer(one[0], color.average_stats(one[0].values()), TILE)
+    np.testing.assert_array_equal(norm.apply(cast, 5, 7), norm.apply(cast, 5, 7, workers=4))

@@ -459,12 +459,14 @@ class TileNormalizer:
         if not np.may_share_memory(flat, piece):  # flat was a copy
             piece[...] = flat.reshape(piece.shape)
 
-    def apply(self, rgb_region: np.ndarray, x0: int = 0, y0: int = 0, inplace: bool = False) -> np.ndarray:
+    def apply(self, rgb_region: np.ndarray, x0: int = 0, y0: int = 0, inplace: bool = False,
+              workers: int = 1) -> np.ndarray:
         """Normalise a region whose top-left pixel is slide pixel ``(x0, y0)``; returns uint8.
 
         The region may span several tiles; each part gets its own tile's transfer. The result
         equals normalising the whole slide and cropping the same region. With ``inplace`` the
-        (writable) region itself is overwritten and returned, saving a copy.
+        (writable) region itself is overwritten and returned, saving a copy. ``workers > 1``
+        normalises the region's chunks on that many threads (same result).
         """
         rgb = _check_rgb(rgb_region, "region")
         if x0 < 0 or y0 < 0:
@@ -474,6 +476,7 @@ class TileNormalizer:
         T = self.tile_size
         if h == 0 or w == 0:
             return out
+        pieces = []
         for ty in range(y0 // T, (y0 + h - 1) // T + 1):
             for tx in range(x0 // T, (x0 + w - 1) // T + 1):
                 if (ty, tx) not in self._affine:
@@ -483,8 +486,9 @@ class TileNormalizer:
                 # pixel-wise transfer in chunks of <= CHUNK_PX pixels: the float temporaries stay
                 # small (bounded memory on 3450 px ROIs, and in the CPU cache)
                 rows = max(1, CHUNK_PX // (xe - xs))
-                for r in range(ys, ye, rows):
-                    self._normalize_piece(out[r : min(r + rows, ye), xs:xe], (ty, tx))
+                pieces += [(out[r : min(r + rows, ye), xs:xe], (ty, tx)) for r in range(ys, ye, rows)]
+        for _ in map_ordered(lambda piece: self._normalize_piece(*piece), pieces, workers):
+            pass
         return out
 
     def to_dict(self) -> dict:

@@ -272,6 +272,8 @@ class _RoiCutter:
         self.job, self.cfg, self.staging, self.slide = job, cfg, staging, slide
         self.normalizer, self.tissue_cfg, self.read_mask = normalizer, tissue_cfg, read_mask
         self._buffers = threading.local()
+        # CPUs left over by the (memory-capped) ROI threads normalise chunks within each ROI
+        self.normalize_workers = max(1, default_workers() // _roi_workers(cfg))
 
     def groups(self) -> list[tuple[list[int], list[int]]]:
         cfg, slide = self.cfg, self.slide
@@ -302,7 +304,8 @@ class _RoiCutter:
             # normalise the bounding box of the kept ROIs once, in place, then resize each of them
             x0, y0 = min(x for x, _ in keep) - gx, min(y for _, y in keep) - gy
             x1, y1 = max(x for x, _ in keep) - gx + roi, max(y for _, y in keep) - gy + roi
-            self.normalizer.apply(region[y0:y1, x0:x1], gx + x0, gy + y0, inplace=True)
+            self.normalizer.apply(region[y0:y1, x0:x1], gx + x0, gy + y0, inplace=True,
+                                  workers=self.normalize_workers)
             for xy in keep:
                 previews[xy] = _resize(crops[xy], size, Image.Resampling.BOX)
         return [(x, y, self._write(x, y, previews[(x, y)], tissue[(x, y)]) if (x, y) in keep else None)
