@@ -20,7 +20,7 @@ from ..device import resolve_device
 from ..errors import UserInputError
 from ..models.reference_encoder import ReferenceEncoder, load_encoder
 from ..models.unet import DSDMUNet, UNetConfig
-from ..runs.checkpoint import resolve_checkpoint
+from ..runs.checkpoint import find_checkpoint
 from ..runs.formats import DSDM_FORMAT, DSDM_META
 from ..runs.record import read_run_record
 from ..runs.weights import load_weights_safetensors
@@ -74,15 +74,10 @@ def load_dsdm(
     """
     run_dir = Path(run_dir)
     record = _read_record(run_dir)
+    # DSDM training keeps no "best" (no validation score): "best" falls back to the last one
+    resolved = find_checkpoint(run_dir, checkpoint, "train-dsdm")
     cfg = UNetConfig.from_dict(record["unet"], run_dir / DSDM_META)
     model = DSDMUNet(cfg)
-    if checkpoint == "best" and not (run_dir / "checkpoints" / "best").exists():
-        checkpoint = "latest"  # DSDM training keeps no "best" (no validation score): use the last one
-    named = run_dir / "checkpoints" / checkpoint
-    ckpt_dir = named if named.exists() or not Path(checkpoint).is_dir() else Path(checkpoint)
-    resolved = resolve_checkpoint(ckpt_dir)
-    if resolved is None:
-        raise UserInputError("no complete checkpoint here yet; train (or resume) the run first", ckpt_dir)
     load_weights_safetensors(model, resolved, strict=True, ema=ema)
     step = None
     try:

@@ -15,8 +15,7 @@ from typing import Any
 import torch
 
 from ..device import resolve_device
-from ..errors import UserInputError
-from ..runs.checkpoint import resolve_checkpoint
+from ..runs.checkpoint import find_checkpoint
 from ..runs.record import read_run_record
 from ..runs.weights import load_weights_safetensors
 from .model import SEG_FORMAT, SEG_META, SegmentationModel, build_from_record
@@ -65,15 +64,8 @@ def load_model_weights(run_dir: str | Path, checkpoint: str = "best") -> tuple[S
     """Rebuild the network from ``segmenter.json`` and load a checkpoint (``best``, else ``latest``)."""
     run_dir = Path(run_dir)
     record = load_record(run_dir)
+    resolved = find_checkpoint(run_dir, checkpoint, "train-seg")
     model = build_from_record(record)
-    resolved = None
-    for name in ([checkpoint, "latest"] if checkpoint == "best" else [checkpoint]):
-        folder = run_dir / "checkpoints" / name
-        resolved = resolve_checkpoint(folder) if folder.exists() else None
-        if resolved is not None:
-            break
-    if resolved is None:
-        raise UserInputError("no complete checkpoint in this run yet; train (or resume) it first", run_dir)
     load_weights_safetensors(model, resolved, strict=True)
     return model.eval(), record, resolved
 

@@ -72,6 +72,7 @@ from . import distributed as dist_utils
 from .encoder import ENCODER_DIR, load_embeddings, load_encoder_run
 from .loop import Trainer
 from .lr_schedule import LR_SCHEDULES, make_lr_scheduler
+from .run_config import preflight_run_folder
 
 __all__ = [
     "DSDMConfig",
@@ -158,8 +159,10 @@ class DSDMConfig:
         for name in ("batch_size", "num_timesteps", "log_every", "ckpt_every", "sample_steps", "sample_count"):
             if int(getattr(self, name)) < 1:
                 raise UserInputError(f"dsdm.{name} must be >= 1, got {getattr(self, name)}")
-        if self.steps < 0 or self.sample_every < 0 or self.lr <= 0:
-            raise UserInputError("dsdm.steps and dsdm.sample_every must be >= 0 and dsdm.lr > 0")
+        if self.steps < 1:
+            raise UserInputError(f"dsdm.steps must be >= 1, got {self.steps}")
+        if self.sample_every < 0 or self.lr <= 0:
+            raise UserInputError("dsdm.sample_every must be >= 0 and dsdm.lr > 0")
         try:
             ScheduleName(self.noise_schedule)
         except ValueError:
@@ -369,6 +372,7 @@ def train_dsdm(
     docstring); their mask files are never read.
     """
     data, run_dir = Path(data), Path(run_dir)
+    preflight_run_folder(run_dir, "dsdm", resume)  # a wrong --out / --resume fails before any work
     if cfg.use_reference and encoder_run is None:
         raise UserInputError("the reference-conditioned DSDM needs --encoder RUN (or pass --no-reference)")
     dataset = PatchDataset(data, splits=("train",), with_masks=True, labelled_only=not cfg.use_unlabelled)

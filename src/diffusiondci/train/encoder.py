@@ -22,6 +22,7 @@ from ..models.embedding import embed_dataset
 from ..models.reference_encoder import ReferenceEncoder, load_encoder, save_encoder
 from ..runs.weights import unwrap_model
 from .loop import Trainer
+from .run_config import preflight_run_folder
 from .simclr import ProjectionHead, SimCLRAugment, nt_xent_loss
 
 ENCODER_DIR = "encoder"
@@ -44,6 +45,13 @@ class EncoderConfig:
     seed: int = 0
     use_unlabelled: bool = True  # SimCLR needs no labels: unlabelled training patches count too
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+            if int(getattr(self, name)) < 1:
+                raise UserInputError(f"encoder.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise UserInputError(f"encoder.lr must be > 0, got {self.lr}")
+
 
 class SimCLRModel(nn.Module):
     """Encoder + projection head; only the encoder is kept after training."""
@@ -62,6 +70,7 @@ def train_encoder(data: str | Path, run_dir: str | Path, cfg: EncoderConfig, res
     """SimCLR training of the reference encoder on ``data`` into ``run_dir``; ``device`` as in
     ``train-dsdm`` (default: cuda if available; torchrun picks one GPU per process)."""
     run_dir = Path(run_dir)
+    preflight_run_folder(run_dir, "encoder", resume)  # a wrong --out / --resume fails before any work
     # no labels are used: unlabelled patches of the training split count too (unless turned off)
     dataset = PatchDataset(data, splits=("train",), with_masks=False, labelled_only=not cfg.use_unlabelled)
     if len(dataset) < 2:

@@ -165,8 +165,10 @@ class Trainer(TrainerCheckpoints):
         find_unused_parameters: bool = False,
         deterministic: bool = False,
     ):
-        if max_steps < 0 or log_every < 1 or ckpt_every < 1:
-            raise UserInputError("max_steps must be >= 0 and log_every, ckpt_every >= 1")
+        if max_steps < 1:  # a run of 0 steps would be a "finished" run with untrained weights
+            raise UserInputError(f"the number of training steps must be at least 1, got {max_steps}")
+        if log_every < 1 or ckpt_every < 1:
+            raise UserInputError("log_every and ckpt_every must be >= 1")
         if best_mode not in ("min", "max"):
             raise UserInputError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
         if autocast not in (None, "bf16"):
@@ -266,12 +268,14 @@ class Trainer(TrainerCheckpoints):
 
     # ---------------------------------------------------------------- run folder
     def _prepare_run_dir(self) -> None:
-        error: str | None = None
+        """Check the run folder (kind, config, a usable checkpoint to resume from) before anything
+        is written; every rank raises the same one-line error."""
+        error: UserInputError | None = None
         if self.is_main:
             error = check_run_folder(self.run_dir, self.ckpt_root, self.config, self.resume)
-        error = dist_utils.broadcast_object(error)
-        if error is not None:
-            raise UserInputError(error, self.run_dir)
+        message = dist_utils.broadcast_object(str(error) if error is not None else None)
+        if message is not None:
+            raise error if error is not None else UserInputError(message)
         dist_utils.barrier()
 
     # ---------------------------------------------------------------- one step

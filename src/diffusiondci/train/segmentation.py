@@ -59,6 +59,7 @@ from . import distributed as dist_utils
 from .data_order import steps_per_epoch
 from .dsdm import UNET_PRESETS
 from .loop import Trainer
+from .run_config import preflight_run_folder
 
 __all__ = [
     "SegConfig",
@@ -120,8 +121,8 @@ class SegConfig:
             raise UserInputError("seg.blocks and seg.timesteps must not be empty with feature injection")
         if self.steps is None and self.epochs is None:
             raise UserInputError("give seg.steps or seg.epochs")
-        if (self.steps is not None and self.steps < 0) or (self.epochs is not None and self.epochs < 0):
-            raise UserInputError("seg.steps and seg.epochs must be >= 0")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs < 1):
+            raise UserInputError(f"seg.steps and seg.epochs must be >= 1, got steps {self.steps}, epochs {self.epochs}")
         if self.synthetic_ratio < 0:
             raise UserInputError(f"seg.synthetic_ratio must be >= 0, got {self.synthetic_ratio}")
         if self.labelled is not None and self.labelled < 1:
@@ -376,6 +377,7 @@ def train_seg(
 ) -> Path:
     """Train a segmenter on dataset ``data`` into ``run_dir`` (see the module docstring)."""
     data, run_dir = Path(data), Path(run_dir)
+    preflight_run_folder(run_dir, "seg", resume)  # a wrong --out / --resume fails before any work
     dsdm_path = Path(dsdm_run) if dsdm_run is not None else None
     real = PatchDataset(data, splits=("train",), with_masks=True, labelled_only=True)
     if len(real) == 0:

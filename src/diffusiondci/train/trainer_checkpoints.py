@@ -90,7 +90,8 @@ class TrainerCheckpoints:
         found = dist_utils.broadcast_object(found)
         if found is None:
             if self.is_main:
-                warnings.warn(f"{self.run_dir}: no checkpoint to resume from; starting from step 0", stacklevel=3)
+                warnings.warn(f"{self.run_dir}: the run stopped before its first checkpoint; starting it from "
+                              "step 0", stacklevel=3)
             return
         c = run_ckpt.load_checkpoint(found)
         ts = c.train_state
