@@ -170,9 +170,9 @@ def sample_to_folder(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar  # a bar on a terminal, plain lines in a log
 
-        bar = tqdm(total=len(jobs), desc="sampling", unit="img", leave=False)
+        bar = progress_bar(len(jobs), "sampling", unit="image", leave=False)
     strip_path = out / PROGRESSION
     for b, start in enumerate(range(0, len(jobs), cfg.batch_size)):
         sl = slice(start, start + cfg.batch_size)

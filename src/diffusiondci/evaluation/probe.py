@@ -142,9 +142,9 @@ def run_probe(
 
     samples = [pixel_sample(size[0] * size[1], cfg.pixels_per_image, cfg.seed, i) for i in range(len(train_ids))]
     shapes = base.dsdm.decoder_feature_shapes
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar  # a bar on a terminal, plain lines in a log
 
-    bar = tqdm(total=len(todo), desc="probe", unit="cell", disable=not progress or None, leave=False)
+    bar = progress_bar(len(todo), "probe", unit="cell", enabled=progress, leave=False)
     try:
         for t in timesteps:
             pending = [b for b in blocks if (b, t) not in done]

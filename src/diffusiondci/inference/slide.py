@@ -42,7 +42,6 @@ import shapely
 import torch
 from PIL import Image
 from shapely.geometry import mapping, shape
-from tqdm import tqdm
 
 from .. import CLASS_NAMES, __version__
 from ..data import color
@@ -51,6 +50,7 @@ from ..data.imageio import find_images, write_json_atomic, write_png_atomic
 from ..data.patch_dataset import to_tensor_image
 from ..data.slides import DEFAULT_MAX_PIXELS, open_slide
 from ..errors import UserInputError
+from ..progress import progress_bar
 
 __all__ = ["Segmenter", "find_images", "segment_paths", "segment_slide"]
 
@@ -222,7 +222,7 @@ def _bands(height: int, width: int, window: int, num_classes: int) -> tuple[int,
 
 
 def _infer_labels(run: Segmenter, image: np.ndarray, window: int, overlap: float, batch_size: int,
-                  progress: bool) -> np.ndarray:
+                  progress: bool, desc: str = "segmenting") -> np.ndarray:
     """Band-wise sliding-window inference: arg-max of the Gaussian-blended softmax, uint8."""
     from monai.inferers import sliding_window_inference
 
@@ -235,8 +235,8 @@ def _infer_labels(run: Segmenter, image: np.ndarray, window: int, overlap: float
         spans.append((r0, r1, max(0, r0 - margin), min(Hm, r1 + margin)))
     total = sum(_n_windows(b - a, Wm, window, overlap) for _, _, a, b in spans)
     labels = np.empty((Hm, Wm), np.uint8)
-    with tqdm(total=total, desc="segmenting", unit="window", leave=False,
-              disable=None if progress else True) as bar:
+    # windows done / total: a bar on a terminal, a line every 30 s with speed and ETA in a log
+    with progress_bar(total, desc, unit="window", enabled=progress, leave=False) as bar:
 
         def predictor(x: torch.Tensor) -> torch.Tensor:
             logits = run.predict(x)
@@ -349,10 +349,9 @@ def segment_slide(
             slide, run.color_norm, color_norm, Path(getattr(run, "run_dir", slide_path))
         )
         n_chunks = math.ceil(H / scale.chunk) * math.ceil(W / scale.chunk)
-        with tqdm(total=n_chunks, desc=f"reading {stem}", unit="chunk", leave=False,
-                  disable=None if progress else True) as bar:
+        with progress_bar(n_chunks, f"reading {stem}", unit="chunk", enabled=progress, leave=False) as bar:
             image, tissue = _model_image(slide, scale, normalizer, tissue_cfg, bar)
-        labels = _infer_labels(run, image, window, overlap, batch_size, progress)
+        labels = _infer_labels(run, image, window, overlap, batch_size, progress, desc=f"segmenting {stem}")
         del image
         overlay = _overlay(slide, thumb, labels, scale)
 

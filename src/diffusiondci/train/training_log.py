@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from diffusiondci.progress import progress_bar
 from diffusiondci.runs.csv_log import CsvLog
 
 from . import distributed as dist_utils
@@ -21,8 +22,9 @@ def reduce_window(window: dict[str, list[float]]) -> dict[str, float]:
 
 
 class TrainingLog:
-    """Rank 0's record of a run in ``run_dir``: ``log.csv``, TensorBoard events under ``tb/`` and a
-    tqdm bar from ``step`` to ``max_steps``.
+    """Rank 0's record of a run in ``run_dir``: ``log.csv``, TensorBoard events under ``tb/`` and the
+    progress from ``step`` to ``max_steps`` (:func:`~diffusiondci.progress.progress_bar`: a tqdm bar
+    on a terminal, a plain line with loss, speed and ETA every 30 s otherwise).
 
     ``resumed_at`` (the step a resumed run continues from; None for a new run) drops the rows and
     events the killed run wrote after its last checkpoint.
@@ -30,12 +32,12 @@ class TrainingLog:
 
     def __init__(self, run_dir: Path, step: int, max_steps: int, resumed_at: int | None, progress: bool):
         from torch.utils.tensorboard import SummaryWriter
-        from tqdm.auto import tqdm
 
         self.csv = CsvLog(run_dir / "log.csv", keep_until_step=resumed_at)
         # drop TensorBoard events the killed run wrote after its last checkpoint
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resumed_at + 1 if resumed_at is not None else None)
-        self.bar = tqdm(total=max_steps, initial=step, disable=not progress, desc=run_dir.name, dynamic_ncols=True)
+        # a bar on a terminal; plain lines with speed and ETA in a log file (no carriage returns)
+        self.bar = progress_bar(max_steps, run_dir.name, unit="step", enabled=progress, initial=step)
 
     def step_done(self) -> None:
         self.bar.update(1)
