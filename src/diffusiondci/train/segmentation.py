@@ -256,6 +256,18 @@ def _dsdm_section(dsdm_run: Path, dsdm_model, schedule, info) -> dict[str, Any]:
     }
 
 
+def check_blocks(blocks: list[int], num_blocks: int, dsdm_run: Path) -> None:
+    """The injected decoder blocks must exist in the DSDM: a preset's default blocks belong to the
+    U-Net depth of that preset, so a DSDM of another depth needs other ones (a clear error, not an
+    index error deep inside the network)."""
+    bad = [b for b in blocks if not 0 <= b < num_blocks]
+    if bad:
+        raise UserInputError(
+            f"blocks {blocks} (--blocks, or seg.blocks of the preset) include {bad}, which this DSDM lacks: its "
+            f"U-Net depth gives decoder blocks 0..{num_blocks - 1}; pass --blocks with blocks in that range "
+            "(`diffusiondci probe` ranks them)", dsdm_run)
+
+
 def build_model(
     cfg: SegConfig, image_size: int, dsdm_run: Path | None
 ) -> tuple[SegmentationModel, dict[str, Any], dict[str, Any] | None]:
@@ -283,6 +295,7 @@ def build_model(
     features = None
     channels: dict[int, int] = {}
     if cfg.injection != "none":
+        check_blocks(cfg.blocks, dsdm.num_decoder_blocks, dsdm_run)
         features = DiffusionFeatureExtractor(dsdm, schedule, info.encoder, cfg.blocks, cfg.timesteps, cfg.feature_seed)
         channels = features.feature_channels()
     torch.manual_seed(cfg.seed)
