@@ -25,11 +25,12 @@ from diffusiondci.config import build, load_section
 from diffusiondci.data.imageio import read_rgb
 from diffusiondci.data.patch_dataset import PatchDataset
 from diffusiondci.data.prepare import PrepareConfig, prepare_dataset
+from diffusiondci.device import resolve_autocast
 from diffusiondci.diffusion.generate import generate
 from diffusiondci.diffusion.pipeline import SampleConfig, sample_to_folder
 from diffusiondci.diffusion.schedule import DiffusionSchedule
 from diffusiondci.evaluation.generation_metrics import ModuleFeatureExtractor, frechet_distance
-from diffusiondci.models.unet import DSDMUNet, tiny_config
+from diffusiondci.models.unet import UNET_PRESETS, DSDMUNet, tiny_config
 from diffusiondci.train.dsdm import DSDMConfig, train_dsdm
 from diffusiondci.train.encoder import EncoderConfig, load_encoder_run, train_encoder
 
@@ -41,35 +42,94 @@ VARIANTS = {  # Table 1 rows: (decoder_norm, use_reference)
 }
 
 
-def speed_figures(batch: int = 8) -> dict:
-    torch.manual_seed(0)
-    model = DSDMUNet(tiny_config())
-    params = sum(p.numel() for p in model.parameters())
-    schedule = DiffusionSchedule(1000)
+def _monai_spade_unet(flash: bool) -> torch.nn.Module:
+    """MONAI's ready-made SPADE diffusion U-Net at the tiny widths, reference via cross-attention."""
+    from monai.networks.nets import SPADEDiffusionModelUNet
+
+    return SPADEDiffusionModelUNet(
+        spatial_dims=2, in_channels=3, out_channels=6, label_nc=3, channels=(32, 64, 64),
+        attention_levels=(False, False, True), num_res_blocks=1, norm_num_groups=16, num_head_channels=32,
+        with_conditioning=True, cross_attention_dim=512, use_flash_attention=flash,
+    )
+
+
+def _train_step_fn(name: str, batch: int):
+    """(one optimizer step on random data, parameter count) for a named configuration."""
     x = torch.randn(batch, 3, 64, 64)
-    mask = torch.nn.functional.one_hot(torch.randint(0, 3, (batch, 64, 64)), 3).permute(0, 3, 1, 2).float()
+    labels = torch.randint(0, 3, (batch, 64, 64))
+    mask = torch.nn.functional.one_hot(labels, 3).permute(0, 3, 1, 2).float()
     ref = torch.randn(batch, 512)
-    opt = torch.optim.Adam(model.parameters(), 1e-4)
     t = torch.randint(0, 1000, (batch,))
-    for i in range(6):  # 1 warm-up + 5 timed
-        if i == 1:
-            start = time.perf_counter()
-        loss = model(x, t, mask=mask, ref=ref).square().mean()
+    precision = None
+    if name.startswith("monai"):
+        model = _monai_spade_unet(flash=name.endswith("sdpa"))
+
+        def forward() -> torch.Tensor:
+            return model(x, t, seg=mask, context=ref[:, None])
+    else:
+        preset, precision = {"today (tiny_v1, fp32)": ("tiny_v1", None),
+                             "new tiny, fp32": ("tiny", None),
+                             "new tiny, default precision": ("tiny", resolve_autocast("auto", torch.device("cpu")))}[name]
+        model = DSDMUNet(UNET_PRESETS[preset]())
+
+        def forward() -> torch.Tensor:
+            return model(x, t, mask=mask, ref=ref)
+
+    opt = torch.optim.Adam(model.parameters(), 1e-4)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out = forward()
+        loss = out.float().square().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    train_ips = 5 * batch / (time.perf_counter() - start)
-    model.eval()
-    labels = mask.argmax(1)
-    out = {"parameters": params, "train_images_per_s": round(train_ips, 2)}
+
+    return step, sum(p.numel() for p in model.parameters())
+
+
+THROUGHPUT_CONFIGS = ("today (tiny_v1, fp32)", "new tiny, fp32", "new tiny, default precision",
+                      "monai SPADEDiffusionModelUNet eager", "monai SPADEDiffusionModelUNet sdpa")
+
+
+def throughput_table(batch: int = 8, rounds: int = 3) -> dict:
+    """SM+RI training images/s of each configuration, interleaved round by round in one process (so
+    a busy machine slows all of them alike); the best round counts. Also the CPU seconds per image."""
+    torch.manual_seed(0)
+    steps = {name: _train_step_fn(name, batch) for name in THROUGHPUT_CONFIGS}
+    for step, _ in steps.values():
+        step()
+    wall = {name: [] for name in steps}
+    cpu = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (step, _) in steps.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            step()
+            step()
+            wall[name].append((time.perf_counter() - w0) / 2)
+            cpu[name].append((time.process_time() - c0) / 2)
+    base = min(wall[THROUGHPUT_CONFIGS[0]])
+    return {
+        name: {"parameters": steps[name][1], "images_per_s": round(batch / min(wall[name]), 2),
+               "speedup_vs_today": round(base / min(wall[name]), 2),
+               "cpu_s_per_image": round(min(cpu[name]) / batch, 4)}
+        for name in steps
+    }
+
+
+def speed_figures(batch: int = 8) -> dict:
+    out = {"threads": torch.get_num_threads(), "native_bf16": resolve_autocast("auto", torch.device("cpu")) == "bf16",
+           "train_throughput": throughput_table(batch)}
+    torch.manual_seed(0)
+    model = DSDMUNet(tiny_config()).eval()
+    schedule = DiffusionSchedule(1000)
+    labels = torch.randint(0, 3, (batch, 64, 64))
+    ref = torch.randn(batch, 512)
     for name, sampler, steps in (("ddim_25", "ddim", 25), ("ddpm_50_respaced", "ddpm", 50)):
         start = time.perf_counter()
         generate(model, schedule, labels, ref, sampler=sampler, steps=steps, guidance=3.0, seed=0,
                  batch_size=batch)
         out[f"sample_{name}_images_per_s"] = round(batch / (time.perf_counter() - start), 3)
-    start = time.perf_counter()
-    generate(model, schedule, labels[:2], ref[:2], sampler="ddpm", steps=None, guidance=3.0, seed=0, batch_size=2)
-    out["sample_ddpm_1000_images_per_s"] = round(2 / (time.perf_counter() - start), 4)
     return out
 
 
@@ -83,6 +143,7 @@ def main() -> None:
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--variants", default="none,SM,RI,SM+RI")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="only the throughput / sampling-speed figures")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -90,6 +151,10 @@ def main() -> None:
     if not args.skip_speed:
         figures["speed"] = speed_figures()
         print(json.dumps(figures["speed"], indent=2), flush=True)
+        if args.speed_only:
+            (work / "dsdm_speed.json").write_text(json.dumps(figures, indent=2))
+            print(f"json: {work / 'dsdm_speed.json'}")
+            return
 
     data = work / "glas_tiny"
     if not data.exists():

@@ -48,7 +48,8 @@ def stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_one(data: Path, labelled: int | None, seed: int, steps: int | None, seconds: float | None,
-              val_every: int, batch_size: int, lr: float) -> dict:
+              val_every: int, batch_size: int, lr: float, return_net: bool = False) -> dict | tuple[dict, UNet]:
+    """One run; its scores (and, with ``return_net``, the trained network with the best validation Dice)."""
     torch.manual_seed(seed)
     cfg = build(SegConfig, load_section("tiny", "seg"), seed=seed)
     real = PatchDataset(data, splits=("train",), with_masks=True, labelled_only=True)
@@ -83,11 +84,13 @@ def train_one(data: Path, labelled: int | None, seed: int, steps: int | None, se
     if best_state is not None:
         net.load_state_dict(best_state)
     scores = predict_dataset(net, test).compute()
-    return {"labelled": "all" if labelled is None else labelled, "seed": seed, "steps": step,
-            "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - start, 1),
-            "labelled_patches": len(chosen), "val_dice": round(best, 4),
-            "mean_dice": scores["mean_dice"], "mean_iou": scores["mean_iou"], "accuracy": scores["accuracy"],
-            "dice_per_class": scores["dice_per_class"]}
+    record = {"labelled": "all" if labelled is None else labelled, "seed": seed, "steps": step,
+              "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - start, 1),
+              "labelled_patches": len(chosen), "val_dice": round(best, 4),
+              "mean_dice": scores["mean_dice"], "mean_iou": scores["mean_iou"], "accuracy": scores["accuracy"],
+              "dataset_dice": scores["dataset"]["mean_dice"], "dataset_iou": scores["dataset"]["mean_iou"],
+              "dice_per_class": scores["dice_per_class"]}
+    return (record, net.eval()) if return_net else record
 
 
 def main() -> None:

@@ -114,3 +114,22 @@ def test_recipe_fields_are_validated():
         DSDMConfig(loss_weighting="p2")
     assert DSDMConfig(sample_guidance=[0, 1, 3]).sample_guidance == [0.0, 1.0, 3.0]
     assert not math.isnan(LRFactor("cosine", total=0)(0))
+
+
+def test_ema_initial_share_and_the_sampling_warning(tmp_path):
+    from diffusiondci.diffusion.dsdm_run import _warn_if_ema_is_mostly_initial
+    from diffusiondci.runs.ema_share import ema_initial_share
+
+    assert ema_initial_share(0.9999, False, 5000) == pytest.approx(0.9999**5000)  # ~61 %
+    assert 0.60 < ema_initial_share(0.9999, False, 5000) < 0.62
+    assert ema_initial_share(0.9999, True, 5000) < 1e-6  # the warm-up forgets the initialisation early
+    assert ema_initial_share(0.99, True, 0) == 1.0
+    record = {"training": {"ema_decay": 0.9999, "ema_warmup": False}}
+    with pytest.warns(UserWarning, match="still 61% the random initialisation"):
+        _warn_if_ema_is_mostly_initial(record, 5000, tmp_path)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_if_ema_is_mostly_initial({"training": {"ema_decay": 0.9999, "ema_warmup": True}}, 5000, tmp_path)
+        _warn_if_ema_is_mostly_initial({}, 10, tmp_path)  # older records: nothing to say

@@ -10,6 +10,7 @@ segmentation stage load it from here.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from ..errors import UserInputError
 from ..models.reference_encoder import ReferenceEncoder, load_encoder
 from ..models.unet import DSDMUNet, UNetConfig
 from ..runs.checkpoint import find_checkpoint
+from ..runs.ema_share import ema_initial_share
 from ..runs.formats import DSDM_FORMAT, DSDM_META
 from ..runs.record import read_run_record
 from ..runs.weights import load_weights_safetensors
@@ -84,6 +86,8 @@ def load_dsdm(
         step = int(json.loads((resolved / "meta.json").read_text())["step"])
     except (OSError, KeyError, ValueError, json.JSONDecodeError):
         pass
+    if ema and step is not None:
+        _warn_if_ema_is_mostly_initial(record, step, resolved)
     sched = record["schedule"]
     schedule = DiffusionSchedule(int(sched.get("num_timesteps", 1000)), sched.get("noise_schedule", "cosine"))
     dev = resolve_device(device)
@@ -99,3 +103,17 @@ def load_dsdm(
         encoder.to(dev).eval()
     model.to(dev).eval()
     return model, schedule, DSDMRun(run_dir=run_dir, record=record, checkpoint=resolved, step=step, encoder=encoder)
+
+
+def _warn_if_ema_is_mostly_initial(record: dict[str, Any], step: int, checkpoint: Path) -> None:
+    training = record.get("training") or {}
+    if "ema_decay" not in training:
+        return
+    share = ema_initial_share(float(training["ema_decay"]), bool(training.get("ema_warmup", False)), step)
+    if share > 0.5:
+        warnings.warn(
+            f"the EMA weights of {checkpoint} (step {step}, ema_decay {training['ema_decay']}) are still "
+            f"{share:.0%} the random initialisation: samples will be mostly noise; train longer, or sample "
+            "without EMA (sample config use_ema: false)",
+            stacklevel=3,
+        )

@@ -1,0 +1,164 @@
+"""How fast does a DSDM become realistic? Scores a training run's checkpoints against wall-clock time.
+
+    python benchmarks/dsdm_convergence.py --data DATASET --dsdm RUN [--n-eval 64] [--sample-steps 25]
+        [--guidance 3] [--unet-seconds 120] [--out bench_output/convergence]
+
+For every ``checkpoints/step_<N>`` of the DSDM run (train with ``keep_last`` large enough to keep
+them) and its wall-clock time from ``log.csv``, the EMA weights sample one image for each of the
+first ``--n-eval`` test patches (patients outside the training split), conditioned on the patch's
+mask and on the patch itself as reference image. Scores (SDM's protocol):
+
+* FD and KID in the reference encoder's feature space, generated vs. the real test patches;
+* gen-mIoU: an independent off-the-shelf MONAI U-Net, trained on the real train split (best
+  validation checkpoint), segments the generated images; its mIoU against the conditioning masks,
+  next to its mIoU on the real images of the same masks (``real_miou``). ``ratio`` = gen / real.
+
+Writes ``convergence.json``, ``convergence.png`` (minutes -> FD and ratio) and a contact sheet per
+checkpoint (mask | real | generated) under ``--out``; prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from diffusiondci.data.imageio import write_png_atomic  # noqa: E402
+from diffusiondci.data.patch_dataset import PatchDataset, to_uint8_image  # noqa: E402
+from diffusiondci.data.preview import colour_mask  # noqa: E402
+from diffusiondci.diffusion.dsdm_run import load_dsdm  # noqa: E402
+from diffusiondci.diffusion.generate import generate  # noqa: E402
+from diffusiondci.diffusion.picture_grid import make_grid  # noqa: E402
+from diffusiondci.evaluation.generation_metrics import (  # noqa: E402
+    ModuleFeatureExtractor,
+    frechet_distance,
+    kernel_inception_distance,
+)
+from diffusiondci.evaluation.metrics import MetricAccumulator  # noqa: E402
+from diffusiondci.models.embedding import embed_dataset  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from monai_unet_reference import train_one  # noqa: E402
+
+
+def wall_minutes(run: Path) -> dict[int, float]:
+    """Step -> minutes of training (``log.csv``'s wall_time), for the logged steps."""
+    out: dict[int, float] = {}
+    with open(run / "log.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("step") and row.get("wall_time"):
+                out[int(row["step"])] = float(row["wall_time"]) / 60.0
+    return out
+
+
+def step_checkpoints(run: Path) -> list[int]:
+    steps = []
+    for d in (run / "checkpoints").glob("step_*"):
+        try:
+            steps.append(int(d.name.split("_", 1)[1]))
+        except ValueError:
+            continue
+    return sorted(steps)
+
+
+@torch.no_grad()
+def segment(net: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor) -> dict:
+    acc = MetricAccumulator(3)
+    for i in range(0, images.shape[0], 32):
+        acc.update(net(images[i : i + 32]).argmax(1).numpy(), masks[i : i + 32].numpy())
+    s = acc.compute()
+    return {"miou": s["mean_iou"], "dice": s["mean_dice"], "dataset_miou": s["dataset"]["mean_iou"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--dsdm", type=Path, required=True, help="train-dsdm run folder with step_<N> checkpoints")
+    ap.add_argument("--n-eval", type=int, default=64)
+    ap.add_argument("--sample-steps", type=int, default=25)
+    ap.add_argument("--sampler", default="ddim")
+    ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--steps", default=None, help="comma-separated checkpoint steps (default: all)")
+    ap.add_argument("--unet-seconds", type=float, default=120.0)
+    ap.add_argument("--out", type=Path, default=Path("bench_output/convergence"))
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    test = PatchDataset(args.data, splits=("test",), with_masks=True, labelled_only=True)
+    items = [test[i] for i in range(min(args.n_eval, len(test)))]
+    real = torch.stack([it["image"] for it in items])
+    masks = torch.stack([it["mask"] for it in items]).long()
+
+    start = time.perf_counter()
+    ref_run, net = train_one(args.data, None, 0, None, args.unet_seconds, 50, 12, 1e-3, return_net=True)
+    print(f"independent U-Net: {ref_run['steps']} steps in {time.perf_counter() - start:.0f} s, "
+          f"test mIoU {ref_run['mean_iou']:.3f}", flush=True)
+    real_seg = segment(net, real, masks)
+
+    minutes = wall_minutes(args.dsdm)
+    wanted = step_checkpoints(args.dsdm)
+    if args.steps:
+        wanted = [s for s in wanted if s in {int(v) for v in args.steps.split(",")}]
+    rows = []
+    real_feats = None
+    for step in wanted:
+        model, schedule, info = load_dsdm(args.dsdm, checkpoint=f"step_{step}", device="cpu")
+        extractor = ModuleFeatureExtractor(info.encoder) if info.encoder is not None else None
+        if real_feats is None and extractor is not None:
+            real_feats = extractor(real)
+        refs = embed_dataset(info.encoder, list(real), batch_size=64) if info.encoder is not None else None
+        t0 = time.perf_counter()
+        fake = generate(model, schedule, masks, refs, sampler=args.sampler, steps=args.sample_steps,
+                        guidance=args.guidance, seed=0, batch_size=32)
+        sample_s = time.perf_counter() - t0
+        gen_seg = segment(net, fake, masks)
+        row = {"step": step, "minutes": round(minutes.get(step, float("nan")), 2), "sample_s": round(sample_s, 1),
+               "gen_miou": gen_seg["miou"], "real_miou": real_seg["miou"],
+               "ratio": gen_seg["miou"] / real_seg["miou"] if real_seg["miou"] else None,
+               "gen_dataset_miou": gen_seg["dataset_miou"], "real_dataset_miou": real_seg["dataset_miou"]}
+        if extractor is not None:
+            fake_feats = extractor(fake)
+            row["fd_encoder"] = frechet_distance(fake_feats, real_feats)
+            row["kid_encoder"] = kernel_inception_distance(fake_feats, real_feats, subsets=50,
+                                                           subset_size=min(50, len(items)))[0]
+        rows.append(row)
+        sheet = [[colour_mask(masks[i].numpy()), to_uint8_image(real[i]), to_uint8_image(fake[i])]
+                 for i in range(min(8, len(items)))]
+        write_png_atomic(args.out / f"contact_step_{step}.png", make_grid(sheet))
+        print(json.dumps(row), flush=True)
+
+    (args.out / "convergence.json").write_text(json.dumps(
+        {"data": str(args.data), "dsdm": str(args.dsdm), "n_eval": len(items), "sampler": args.sampler,
+         "sample_steps": args.sample_steps, "guidance": args.guidance, "independent_unet": ref_run,
+         "rows": rows}, indent=2))
+    if rows:
+        fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+        mins = [r["minutes"] for r in rows]
+        if "fd_encoder" in rows[0]:
+            ax[0].plot(mins, [r["fd_encoder"] for r in rows], "o-")
+        ax[0].set(xlabel="training minutes", ylabel="FD (encoder features)", title="realism")
+        ax[1].plot(mins, [r["ratio"] for r in rows], "o-")
+        ax[1].axhline(0.8, ls="--", c="grey")
+        ax[1].set(xlabel="training minutes", ylabel="gen mIoU / real mIoU", title="semantic fidelity", ylim=(0, 1.1))
+        fig.tight_layout()
+        fig.savefig(args.out / "convergence.png", dpi=100)
+    print(f"\n{'step':>6} {'min':>6} {'FD':>8} {'KID':>8} {'gen mIoU':>9} {'real mIoU':>9} {'ratio':>6}")
+    for r in rows:
+        print(f"{r['step']:>6} {r['minutes']:>6.1f} {r.get('fd_encoder', float('nan')):>8.2f} "
+              f"{r.get('kid_encoder', float('nan')):>8.4f} {r['gen_miou']:>9.3f} {r['real_miou']:>9.3f} "
+              f"{r['ratio']:>6.2f}")
+    print(f"wrote {args.out / 'convergence.json'}")
+
+
+if __name__ == "__main__":
+    main()
