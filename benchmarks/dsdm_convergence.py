@@ -1,7 +1,7 @@
 """How fast does a DSDM become realistic? Scores a training run's checkpoints against wall-clock time.
 
     python benchmarks/dsdm_convergence.py --data DATASET --dsdm RUN [--n-eval 64] [--sample-steps 25]
-        [--guidance 3] [--unet-seconds 120] [--out bench_output/convergence]
+        [--guidance 3] [--unet-steps 1500] [--out bench_output/convergence]
 
 For every ``checkpoints/step_<N>`` of the DSDM run (train with ``keep_last`` large enough to keep
 them) and its wall-clock time from ``log.csv``, the EMA weights sample one image for each of the
@@ -89,18 +89,18 @@ def main() -> None:
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--steps", default=None, help="comma-separated checkpoint steps (default: all)")
-    ap.add_argument("--unet-seconds", type=float, default=120.0)
+    ap.add_argument("--unet-steps", type=int, default=1500, help="training steps of the independent U-Net")
     ap.add_argument("--out", type=Path, default=Path("bench_output/convergence"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
     test = PatchDataset(args.data, splits=("test",), with_masks=True, labelled_only=True)
     items = [test[i] for i in range(min(args.n_eval, len(test)))]
-    real = torch.stack([it["image"] for it in items])
+    real = torch.stack([it["image"] for it in items])  # the references: each mask's own image
     masks = torch.stack([it["mask"] for it in items]).long()
 
     start = time.perf_counter()
-    ref_run, net = train_one(args.data, None, 0, None, args.unet_seconds, 50, 12, 1e-3, return_net=True)
+    ref_run, net = train_one(args.data, None, 0, args.unet_steps, None, 50, 12, 1e-3, return_net=True)
     print(f"independent U-Net: {ref_run['steps']} steps in {time.perf_counter() - start:.0f} s, "
           f"test mIoU {ref_run['mean_iou']:.3f}", flush=True)
     real_seg = segment(net, real, masks)
