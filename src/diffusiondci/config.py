@@ -8,6 +8,7 @@ unknown keys so that a typo in a config file is an error rather than a silent de
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,7 +36,10 @@ def load_preset(preset: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise UserInputError(f"invalid YAML: {exc}".splitlines()[0], path) from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserInputError(f"invalid YAML{where}: {what}", path) from None
     if not isinstance(data, dict):
         raise UserInputError("a preset must be a mapping of stage sections", path)
     return data
@@ -53,7 +57,10 @@ def build(cls: type[T], values: dict[str, Any], **overrides: Any) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - names)
     if unknown:
-        raise UserInputError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
+        close = {k: difflib.get_close_matches(k, sorted(names), 1) for k in unknown}
+        hint = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
+        raise UserInputError(f"unknown {cls.__name__} keys {unknown}{f' ({hint})' if hint else ''}; "
+                             f"valid keys: {sorted(names)}")
     merged = dict(values)
     merged.update({k: v for k, v in overrides.items() if v is not None})
     return cls(**merged)

@@ -9,7 +9,8 @@ Common keyword arguments:
     clip_denoised: clamp x̂_0 to [−1, 1] at every step.
     noise: optional x_T (defaults to N(0, I) drawn from ``generator``).
     device / dtype: where and in what precision to run (default: the generator's device, float32).
-    progress: ``True`` for a tqdm bar, or a callable ``progress(step, total)`` called after each step.
+    progress: ``True`` for a progress bar (plain lines off a terminal), or a callable ``progress(step, total)``
+    called after each step.
     return_intermediates: also return snapshots for denoising strips (paper Fig. 5).
     intermediate_fractions: when to snapshot, as fractions of the run (0 = first step, 1 = last).
     intermediate_kind: ``"pred_x0"`` (x̂_0 at that step) or ``"x_t"`` (the state after that step).
@@ -59,9 +60,9 @@ class _Loop:
         self.bar = None
         self.callback: ProgressFn | None = None
         if progress is True:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar  # a bar on a terminal, plain lines in a log
 
-            self.bar = tqdm(total=total, desc="sampling", leave=False)
+            self.bar = progress_bar(total, "denoising", unit="step", leave=False)
         elif callable(progress):
             self.callback = progress
 
