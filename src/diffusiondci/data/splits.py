@@ -53,7 +53,8 @@ def assign_splits(
     """Map each distinct group id to ``train``, ``val`` or ``test``."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise UserInputError(
-            f"split fractions must be in [0, 1) and sum below 1 (val={val_fraction}, test={test_fraction})"
+            f"--val-fraction ({val_fraction}) and --test-fraction ({test_fraction}) must each be in [0, 1) "
+            "and sum below 1 (the rest is training data)"
         )
     unique = sorted(set(groups))
     random.Random(seed).shuffle(unique)
