@@ -10,6 +10,7 @@ written.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,12 @@ def run_folder_error(run_dir: str | Path, stage: str | None, resume: bool, recov
 
 
 def preflight_run_folder(run_dir: str | Path, stage: str, resume: bool) -> None:
-    """Raise :func:`run_folder_error`'s error, if any (read-only: call it before loading data)."""
+    """Raise :func:`run_folder_error`'s error, if any (read-only: call it before loading data).
+
+    Only the first process of a ``torchrun`` job checks here (the others could see the folder after
+    it has started writing); the :class:`~.loop.Trainer` checks again and stops every process."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return
     error = run_folder_error(run_dir, stage, resume)
     if error is not None:
         raise error
