@@ -11,17 +11,25 @@ Injection of the frozen DSDM's features (``injection``):
   added to the output of the segmenter's block ``b`` (resized if their sizes differ);
 * ``caa``   -- Cross-Attention Alignment (Fig. 4): ``h + W_O softmax(Q K^T / sqrt(d)) V`` with ``Q``
   from the segmenter's block output and ``K``, ``V`` from the DSDM features of the same block
-  (:class:`~diffusiondci.models.attention.CrossAttentionAlignment`, zero-initialised output so a
-  fresh block is the identity).
+  (zero-initialised output so a fresh block is the identity). Two forms (``caa_window``):
 
-Two choices the paper leaves open, made here:
+  - ``caa_window`` = w >= 1 (odd): **local** CAA. The DSDM features are brought to the query grid
+    (pixel-aligned: average-pooled if finer, bilinear if coarser) and every query pixel attends to
+    the ``w x w`` DSDM positions around its own, with a learned bias per head and offset
+    (:class:`LocalCAAInjection`). Nothing has to be learnt to find "the same place": at the start
+    the attention is uniform over the window, i.e. the features of the neighbourhood, and the
+    content-based weights refine that. Cost ``O(HW w^2)``, affordable at every level.
+  - ``caa_window`` = 0: **global** CAA, the first reading of Fig. 4
+    (:class:`CAAInjection` around :class:`~diffusiondci.models.attention.CrossAttentionAlignment`):
+    the DSDM feature map is average-pooled to at most ``kv_size x kv_size`` tokens (full
+    resolution costs ``(HW)^2``: 4096 x 4096 logits per head at 64 px), and queries and keys get
+    2-D sine-cosine codes of their normalised position so that attention can find the same place
+    in two grids of different size. The codes' frequencies stay below a quarter of the coarser
+    grid's sampling rate (``pos_encoding="nyquist"``), so every channel varies over the grid;
+    runs recorded before kept the octave ladder (``"octave"``) whose upper channels alias.
 
-* the DSDM feature map is average-pooled to at most ``kv_size x kv_size`` tokens before it becomes
-  keys/values: full-resolution context (4096 x 4096 logits at 64 px, 65k x 65k at 256 px) costs far
-  more than it brings, since the U-Net's skip path already carries full-resolution detail;
-* queries and keys get 2-D sine-cosine positional encodings of their *normalised* position in the
-  image, so that a pixel can attend to the DSDM features of the same place although the two grids
-  differ in size (cross-attention alone is blind to position).
+Choice made here and not in the paper: the local form is the default of the presets (it learns
+faster than global CAA on GlaS; see the ``seg:`` comments in ``configs/tiny.yaml``).
 """
 
 from __future__ import annotations
@@ -38,7 +46,10 @@ from ..errors import UserInputError
 from .attention import CrossAttentionAlignment
 from .unet import DSDMUNet, UNetConfig
 
-__all__ = ["INJECTIONS", "Segmenter", "init_from_dsdm", "segmenter_unet_config", "sincos_2d"]
+__all__ = ["INJECTIONS", "POS_ENCODINGS", "Segmenter", "init_from_dsdm", "segmenter_unet_config", "sincos_2d"]
+
+#: position codes of global CAA: frequencies below the grid's Nyquist limit, or the first octave ladder.
+POS_ENCODINGS = ("nyquist", "octave")
 
 #: ``none`` (no DSDM features), ``skip`` (added), ``caa`` (cross-attention), Table 5.
 INJECTIONS = ("none", "skip", "caa")
@@ -51,23 +62,44 @@ def segmenter_unet_config(dsdm_config: UNetConfig, num_classes: int = 3) -> UNet
     return UNetConfig.from_dict(d)
 
 
-def sincos_2d(h: int, w: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+def sincos_2d(h: int, w: int, dim: int, device: torch.device | None = None, grid: int | None = None,
+              mode: str = "nyquist") -> torch.Tensor:
     """``(h*w, dim)`` sine-cosine encodings of pixel-centre positions normalised to [0, 1].
 
     Half the channels encode y, half x, each with ``dim // 4`` frequencies; zero-padded to ``dim``.
+    ``mode="nyquist"``: frequencies geometrically spaced from 1/2 to ``grid / 4`` cycles per image
+    side (``grid``: the coarsest grid the codes must be read on, default ``min(h, w)``), so no code
+    aliases on that grid. ``mode="octave"``: ``2^k / 2`` cycles, k = 0, 1, ... (the first version).
     """
+    if mode not in POS_ENCODINGS:
+        raise ValueError(f"position encoding must be one of {POS_ENCODINGS}, got {mode!r}")
     quarter = dim // 4
     out = torch.zeros(h * w, dim, device=device)
     if quarter == 0:
         return out
     ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
     xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
-    freqs = (2.0 ** torch.arange(quarter, device=device, dtype=torch.float32)) * math.pi
+    if mode == "octave":
+        freqs = (2.0 ** torch.arange(quarter, device=device, dtype=torch.float32)) * math.pi
+    else:
+        top = max(float(grid if grid is not None else min(h, w)) / 4.0, 0.5)
+        cycles = torch.logspace(math.log10(0.5), math.log10(top), quarter, device=device) if quarter > 1 else \
+            torch.full((1,), 0.5, device=device)
+        freqs = 2.0 * math.pi * cycles.float()
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     ay = gy.reshape(-1, 1) * freqs
     ax = gx.reshape(-1, 1) * freqs
     out[:, : 4 * quarter] = torch.cat([ay.sin(), ay.cos(), ax.sin(), ax.cos()], dim=1)
     return out
+
+
+def to_grid(f: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """``f`` on a grid of ``size``: average-pooled when finer, bilinear when coarser (pixel-aligned)."""
+    if tuple(f.shape[-2:]) == tuple(size):
+        return f
+    if f.shape[-2] >= size[0] and f.shape[-1] >= size[1]:
+        return F.adaptive_avg_pool2d(f, size)
+    return F.interpolate(f, size=size, mode="bilinear", align_corners=False)
 
 
 class SkipInjection(nn.Module):
@@ -87,12 +119,13 @@ class SkipInjection(nn.Module):
 
 
 class CAAInjection(nn.Module):
-    """Cross-attention from segmenter features (queries) to DSDM features (keys/values), Fig. 4."""
+    """Global cross-attention from segmenter features (queries) to pooled DSDM features (keys/values)."""
 
     def __init__(self, channels: int, feature_channels: int, num_head_channels: int, groups: int,
-                 kv_size: int) -> None:
+                 kv_size: int, pos_encoding: str = "nyquist") -> None:
         super().__init__()
         self.kv_size = int(kv_size)
+        self.pos_encoding = pos_encoding
         self.context_norm = nn.LayerNorm(feature_channels)
         self.caa = CrossAttentionAlignment(channels, feature_channels, num_head_channels, groups)
 
@@ -101,9 +134,55 @@ class CAAInjection(nn.Module):
         if f.shape[-2] > self.kv_size or f.shape[-1] > self.kv_size:
             f = F.adaptive_avg_pool2d(f, (min(f.shape[-2], self.kv_size), min(f.shape[-1], self.kv_size)))
         fc, fh, fw = f.shape[1:]
+        grid = min(hh, ww, fh, fw)  # both codes are read on the coarser grid
         tokens = f.to(h.dtype).flatten(2).transpose(1, 2)  # (N, L, D)
-        tokens = self.context_norm(tokens) + sincos_2d(fh, fw, fc, h.device).to(h.dtype)
-        return self.caa(h, tokens, query_pos=sincos_2d(hh, ww, c, h.device))
+        tokens = self.context_norm(tokens) + sincos_2d(fh, fw, fc, h.device, grid, self.pos_encoding).to(h.dtype)
+        return self.caa(h, tokens, query_pos=sincos_2d(hh, ww, c, h.device, grid, self.pos_encoding))
+
+
+class LocalCAAInjection(nn.Module):
+    """Local CAA: each query pixel attends to the ``window x window`` DSDM positions around its own.
+
+    ``h + W_O softmax_j(q_i . k_j / sqrt(d) + b_{head, j - i}) v_j`` with ``q = W_Q GN(h)``,
+    ``k, v = W_K, W_V LN(f)`` (LayerNorm over channels at each position), ``f`` the DSDM features
+    brought to ``h``'s grid (:func:`to_grid`), ``b`` a learned relative-position bias (zero: uniform
+    over the window at the start) and ``W_O`` zero-initialised (a fresh block is the identity).
+    Border windows repeat the edge features.
+    """
+
+    def __init__(self, channels: int, feature_channels: int, num_head_channels: int, groups: int,
+                 window: int) -> None:
+        super().__init__()
+        if window < 1 or window % 2 == 0:
+            raise UserInputError(f"seg.caa_window must be odd (1, 3, 5, ...) or 0 (global CAA), got {window}")
+        if channels % num_head_channels:
+            raise ValueError(f"channels ({channels}) must be divisible by num_head_channels ({num_head_channels})")
+        self.window = int(window)
+        self.heads = channels // num_head_channels
+        self.head_dim = num_head_channels
+        self.norm = nn.GroupNorm(math.gcd(groups, channels), channels, eps=1e-6)
+        self.context_norm = nn.LayerNorm(feature_channels)  # per position: a pixel's keys depend on its window only
+        self.to_q = nn.Conv2d(channels, channels, 1, bias=False)
+        self.to_kv = nn.Conv2d(feature_channels, 2 * channels, 1, bias=False)
+        self.rel_bias = nn.Parameter(torch.zeros(self.heads, self.window * self.window))
+        self.out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        n, c, hh, ww = h.shape
+        w2, p = self.window * self.window, self.window // 2
+        f = to_grid(f.to(h.dtype), (hh, ww))
+        q = self.to_q(self.norm(h)).reshape(n, self.heads, self.head_dim, 1, hh * ww)
+        kv = self.to_kv(self.context_norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+        if p:
+            kv = F.pad(kv, (p, p, p, p), mode="replicate")
+        kv = F.unfold(kv, self.window).reshape(n, 2, self.heads, self.head_dim, w2, hh * ww)
+        k, v = kv[:, 0], kv[:, 1]
+        logits = (q * k).sum(2) / math.sqrt(self.head_dim) + self.rel_bias[None, :, :, None]  # (N, heads, w2, HW)
+        attn = logits.softmax(dim=2)
+        out = (attn.unsqueeze(2) * v).sum(3).reshape(n, c, hh, ww)
+        return h + self.out(out)
 
 
 class Segmenter(nn.Module):
@@ -111,7 +190,8 @@ class Segmenter(nn.Module):
 
     ``feature_channels`` gives the channels of the injected features per decoder block
     (:meth:`~diffusiondci.segmentation.features.DiffusionFeatureExtractor.feature_channels`); it
-    is empty for ``injection="none"``.
+    is empty for ``injection="none"``. ``caa_window`` (0: global, w: local) and ``kv_size`` /
+    ``pos_encoding`` (global only) shape CAA (see the module docstring).
     """
 
     def __init__(
@@ -120,6 +200,8 @@ class Segmenter(nn.Module):
         injection: str = "caa",
         feature_channels: Mapping[int, int] | None = None,
         kv_size: int = 16,
+        caa_window: int = 0,
+        pos_encoding: str = "octave",
     ) -> None:
         super().__init__()
         if injection not in INJECTIONS:
@@ -143,7 +225,10 @@ class Segmenter(nn.Module):
                 self.inject[str(b)] = SkipInjection(ch, feature_channels[b], groups)
             else:
                 heads = unet_config.num_head_channels if ch % unet_config.num_head_channels == 0 else ch
-                self.inject[str(b)] = CAAInjection(ch, feature_channels[b], heads, groups, kv_size)
+                if caa_window:
+                    self.inject[str(b)] = LocalCAAInjection(ch, feature_channels[b], heads, groups, caa_window)
+                else:
+                    self.inject[str(b)] = CAAInjection(ch, feature_channels[b], heads, groups, kv_size, pos_encoding)
 
     @property
     def num_classes(self) -> int:

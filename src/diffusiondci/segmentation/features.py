@@ -10,8 +10,15 @@ condition** (valid because the generator was trained with classifier-free-guidan
 what SPADE sees for an unlabelled image); the reference condition is the input image's own
 embedding from the run's reference encoder, as during DSDM training. Nothing here accepts a mask.
 
-Noise: ``eps`` for timestep ``t`` is drawn per call from a CPU generator seeded with
-``(seed, t)``, so the same batch always gives the same features (on any device).
+Noise: ``eps`` for timestep ``t`` comes from a CPU generator seeded with ``(seed, t)``. With
+``noise="shared"`` (the default) one noise field of the image's size is drawn and used for every
+image of the batch, so an image's features depend on the image alone, not on the batch it is in or
+its place there: that is what lets :mod:`.feature_cache` store them per image. ``noise="batch"``
+(runs recorded before the cache) draws one field per batch position.
+
+Precision: ``feature_dtype`` rounds the features to the dtype the cache stores (e.g. float16) and
+returns them as float32, so features read from the cache and features computed afresh (inference)
+are the same numbers.
 Timesteps are 0-based network timesteps ``0 .. T-1``; the paper's "every 100th step in
 [100, 1000]" is ``paper_probe_timesteps`` (1000 maps to T - 1).
 """
@@ -30,7 +37,12 @@ from ..models.reference_encoder import ReferenceEncoder
 from ..models.unet import DSDMUNet
 from ..runs.seeds import derive_seed
 
-__all__ = ["DiffusionFeatureExtractor", "paper_probe_timesteps"]
+__all__ = ["FEATURE_DTYPES", "FEATURE_NOISE", "DiffusionFeatureExtractor", "paper_probe_timesteps"]
+
+#: ``feature_noise`` options: one noise field for all images (``shared``) or one per batch position.
+FEATURE_NOISE = ("shared", "batch")
+#: ``feature_dtype`` options: the precision the features are rounded to (and cached in).
+FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def paper_probe_timesteps(num_timesteps: int = 1000, every: int = 100) -> list[int]:
@@ -53,8 +65,14 @@ class DiffusionFeatureExtractor(nn.Module):
         blocks: Sequence[int],
         timesteps: Sequence[int],
         seed: int = 0,
+        noise: str = "shared",
+        feature_dtype: str = "float32",
     ) -> None:
         super().__init__()
+        if noise not in FEATURE_NOISE:
+            raise UserInputError(f"feature noise must be one of {FEATURE_NOISE}, got {noise!r}")
+        if feature_dtype not in FEATURE_DTYPES:
+            raise UserInputError(f"feature_dtype must be one of {sorted(FEATURE_DTYPES)}, got {feature_dtype!r}")
         blocks = sorted({int(b) for b in blocks})
         timesteps = [int(t) for t in timesteps]
         if not blocks or not timesteps:
@@ -75,6 +93,17 @@ class DiffusionFeatureExtractor(nn.Module):
         self.blocks = blocks
         self.timesteps = timesteps
         self.seed = int(seed)
+        self.noise = noise
+        self.feature_dtype = feature_dtype
+
+    def settings(self) -> dict:
+        """What, besides the weights, decides the features (the feature cache's key)."""
+        return {
+            "blocks": list(self.blocks), "timesteps": list(self.timesteps), "seed": self.seed, "noise": self.noise,
+            "feature_dtype": self.feature_dtype, "num_timesteps": self.schedule.num_timesteps,
+            "noise_schedule": self.schedule.schedule_name, "null_mask": True,
+            "reference": self.encoder is not None and bool(self.dsdm.config.use_reference),
+        }
 
     @classmethod
     def from_run(
@@ -85,12 +114,14 @@ class DiffusionFeatureExtractor(nn.Module):
         seed: int = 0,
         checkpoint: str = "latest",
         device: str | torch.device | None = None,
+        noise: str = "shared",
+        feature_dtype: str = "float32",
     ) -> DiffusionFeatureExtractor:
         """Load the EMA weights of a ``train-dsdm`` run folder."""
         from ..diffusion.dsdm_run import load_dsdm
 
         model, schedule, info = load_dsdm(run_dir, checkpoint=checkpoint, ema=True, device=device or "cpu")
-        return cls(model, schedule, info.encoder, blocks, timesteps, seed)
+        return cls(model, schedule, info.encoder, blocks, timesteps, seed, noise, feature_dtype)
 
     def train(self, mode: bool = True) -> DiffusionFeatureExtractor:  # frozen: always eval
         super().train(False)
@@ -126,10 +157,14 @@ class DiffusionFeatureExtractor(nn.Module):
         per_t: list[dict[int, torch.Tensor]] = []
         for t in self.timesteps:
             gen = torch.Generator().manual_seed(derive_seed(self.seed, t))
-            noise = torch.randn(images.shape, generator=gen, dtype=torch.float32).to(images.device, images.dtype)
+            shape = (1, *images.shape[1:]) if self.noise == "shared" else images.shape
+            noise = torch.randn(shape, generator=gen, dtype=torch.float32).to(images.device, images.dtype)
             tt = torch.full((n,), t, dtype=torch.long, device=images.device)
-            x_t = self.schedule.q_sample(images, tt, noise)
+            x_t = self.schedule.q_sample(images, tt, noise.expand_as(images))
             # mask=None is the NULL mask (zeros): the true mask never enters (see module docstring)
             feats = self.dsdm(x_t, tt, mask=None, ref=ref, return_features=self.blocks, features_only=True)
             per_t.append(feats)
-        return {b: torch.cat([f[b] for f in per_t], dim=1) for b in self.blocks}
+        out = {b: torch.cat([f[b] for f in per_t], dim=1) for b in self.blocks}
+        if self.feature_dtype != "float32":
+            out = {b: f.to(FEATURE_DTYPES[self.feature_dtype]).float() for b, f in out.items()}
+        return out

@@ -1,8 +1,10 @@
 """The trainable segmentation model = segmenter + (frozen) DSDM feature extractor, and its record.
 
 :class:`SegmentationModel` keeps the frozen DSDM inside the model, so a segmentation checkpoint is
-self-contained (``segment`` needs only the run folder) and the features are always computed from
-the very image the segmenter sees (after augmentation). ``segmenter.json`` in the run folder holds
+self-contained (``segment`` needs only the run folder): at inference the features are computed from
+the image itself. In training they are passed in (``features=``), read from
+:class:`~diffusiondci.segmentation.feature_cache.FeatureCache` for the un-jittered view of the image
+(the segmenter alone sees the colour-jittered one). ``segmenter.json`` in the run folder holds
 everything needed to rebuild the network (:func:`build_from_record`).
 """
 
@@ -40,9 +42,12 @@ class SegmentationModel(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.segmenter.parameters() if p.requires_grad]
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.features(images) if self.features is not None else None
-        return self.segmenter(images, feats)
+    def forward(self, images: torch.Tensor, features: Mapping[int, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits of ``images``; ``features`` (``{block: (N, C, h, w)}``) replaces the frozen DSDM's
+        features of ``images`` when given (e.g. those of the un-jittered view, from the cache)."""
+        if features is None and self.features is not None:
+            features = self.features(images)
+        return self.segmenter(images, features if self.segmenter.blocks else None)
 
 
 def build_from_record(record: Mapping[str, Any]) -> SegmentationModel:
@@ -59,9 +64,12 @@ def build_from_record(record: Mapping[str, Any]) -> SegmentationModel:
         enc = dsdm.get("encoder")
         encoder = ReferenceEncoder(int(enc["embed_dim"]), float(enc["width"])) if enc else None
         schedule = DiffusionSchedule(int(dsdm["num_timesteps"]), dsdm["noise_schedule"])
+        # runs recorded before the feature cache drew one noise field per batch position, in float32
         features = DiffusionFeatureExtractor(
-            dsdm_net, schedule, encoder, record["blocks"], record["timesteps"], int(record.get("feature_seed", 0))
+            dsdm_net, schedule, encoder, record["blocks"], record["timesteps"], int(record.get("feature_seed", 0)),
+            noise=record.get("feature_noise", "batch"), feature_dtype=record.get("feature_dtype", "float32"),
         )
         channels = features.feature_channels()
-    segmenter = Segmenter(seg_cfg, injection, channels, int(record.get("kv_size", 16)))
+    segmenter = Segmenter(seg_cfg, injection, channels, int(record.get("kv_size", 16)),
+                          caa_window=int(record.get("caa_window", 0)), pos_encoding=record.get("caa_pos", "octave"))
     return SegmentationModel(segmenter, features)

@@ -1,12 +1,27 @@
 """``diffusiondci train-seg``: the segmentation stage (paper §IV-C2, §V-A3, Tables 5-6, Fig. 6).
 
-One optimizer step: a batch of real (and, with ``synthetic_ratio`` > 0, synthetic) labelled
-patches is augmented as in the paper (horizontal flip p = 0.5; brightness / contrast / saturation /
-hue jitter p = 0.8; images in [-1, 1]), the frozen DSDM turns the augmented images into diffusion
-features (NULL mask condition, own reference: :mod:`diffusiondci.segmentation.features`), the
-segmenter predicts 3-class logits and the loss is the pixel cross-entropy. Validation on the
-real ``val`` split (mean Dice, mIoU) every ``val_every`` steps keeps ``checkpoints/best``; at the
-end the best checkpoint is scored on the ``test`` split (``test_metrics.json``).
+One optimizer step (the same recipe for every variant, the plain U-Net included):
+
+1. a batch of real (and, with ``synthetic_ratio`` > 0, synthetic) labelled patches is moved by a
+   random dihedral transform ``k`` (``augment``: ``dihedral`` = the 8 flips / quarter turns,
+   ``hflip`` = the paper's horizontal flip p = 0.5, ``none``), image and mask together
+   (:func:`diffusiondci.data.augment.dihedral`);
+2. the frozen DSDM's features of that **un-jittered view** come from the feature cache
+   (:mod:`diffusiondci.segmentation.feature_cache`: computed once per image and ``k``, NULL mask,
+   the view's own reference embedding, kept on disk under ``feature_cache``);
+3. the segmenter's input is the view with the paper's colour jitter (brightness / contrast /
+   saturation / hue, p = ``jitter_p``) and a mild random zoom (``scale_range``), the zoom applied
+   alike to the mask (nearest) and the DSDM features (bilinear) so that all stay aligned;
+4. the loss is ``dice_ce`` (MONAI ``DiceCELoss``: softmax, background included, Dice over the
+   batch + cross-entropy) or the paper's pixel cross-entropy (``ce``); Adam with ``lr_warmup``
+   linear warm-up steps, then ``lr_schedule`` (``poly`` / ``cosine`` / ``constant``) to
+   ``lr_min_ratio`` of the peak at the last planned step.
+
+Validation on the real ``val`` split (mean Dice, mIoU; features of the un-moved images, cached
+too) every ``val_every`` steps keeps ``checkpoints/best``; without a ``val`` split (``prepare
+--val-fraction 0``: every annotated slide trains) the last checkpoint is the model
+(``segmenter.json`` ``training.checkpoint_policy``). At the end that checkpoint is scored on the
+``test`` split (``test_metrics.json``).
 
 Variants (config / CLI):
 
@@ -33,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +57,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from kornia.enhance import adjust_brightness, adjust_contrast, adjust_hue, adjust_saturation
+from monai.losses import DiceCELoss
 from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from .. import __version__
+from ..data.augment import AUGMENTATIONS, dihedral
 from ..data.imageio import write_json_atomic
 from ..data.patch_dataset import PatchDataset
 from ..errors import UserInputError
@@ -52,18 +70,22 @@ from ..evaluation.metrics import MetricAccumulator
 from ..models.segmenter import INJECTIONS, Segmenter, init_from_dsdm, segmenter_unet_config
 from ..models.unet import NUM_MASK_CLASSES
 from ..runs.seeds import derive_seed
-from ..segmentation.features import DiffusionFeatureExtractor
+from ..segmentation.feature_cache import FeatureCache
+from ..segmentation.features import FEATURE_DTYPES, DiffusionFeatureExtractor
 from ..segmentation.model import SEG_FORMAT, SEG_META, SegmentationModel
 from ..segmentation.run import load_segmenter
 from . import distributed as dist_utils
 from .data_order import steps_per_epoch
 from .dsdm import UNET_PRESETS
 from .loop import Trainer
+from .lr_schedule import LR_SCHEDULES, make_lr_scheduler
 from .run_config import preflight_run_folder
 
 __all__ = [
     "SegConfig",
     "augment_batch",
+    "augment_views",
+    "make_loss",
     "choose_labelled",
     "labelled_groups",
     "predict_dataset",
@@ -73,6 +95,7 @@ __all__ = [
 
 INITS = ("dsdm", "scratch")
 LABEL_UNITS = ("slide", "patch")
+LOSSES = ("ce", "dice_ce")
 
 
 @dataclass
@@ -85,13 +108,19 @@ class SegConfig:
     blocks: list[int] = field(default_factory=lambda: [1, 2, 3])
     timesteps: list[int] = field(default_factory=lambda: [100])
     kv_size: int = 16
+    caa_window: int = 3  # local CAA over w x w DSDM positions around each pixel; 0: global CAA (kv_size)
+    loss: str = "dice_ce"  # ce | dice_ce
     lr: float = 1e-3
+    lr_schedule: str = "poly"  # constant | cosine | poly (after lr_warmup linear warm-up steps)
+    lr_warmup: int = 50
+    lr_min_ratio: float = 0.0
     weight_decay: float = 0.0
     batch_size: int = 12
     steps: int | None = 300
     epochs: int | None = None
     val_every: int | None = 50
-    hflip_p: float = 0.5
+    augment: str = "dihedral"  # none | hflip | dihedral (image, mask and the DSDM's view together)
+    scale_range: list[float] = field(default_factory=lambda: [0.9, 1.1])  # random zoom; [1, 1]: off
     jitter_p: float = 0.8
     brightness: float = 0.2
     contrast: float = 0.2
@@ -103,6 +132,10 @@ class SegConfig:
     label_seed: int = 0
     label_unit: str = "slide"  # what --labelled counts: slide (source image) | patch
     feature_seed: int = 0
+    feature_dtype: str = "float16"  # precision the DSDM features are rounded to and cached in
+    feature_batch: int = 4  # images per frozen-DSDM forward (fixed: cached = recomputed, bit for bit)
+    feature_cache: str = "dsdm"  # dsdm (<dsdm run>/feature_cache) | off | a folder
+    feature_cache_gb: float = 8.0  # bound on the cache folder (least recently used files go first)
     log_every: int = 10
     ckpt_every: int = 100
     num_workers: int = 0
@@ -129,10 +162,23 @@ class SegConfig:
             raise UserInputError(f"--labelled must be >= 1, got {self.labelled}")
         if self.label_unit not in LABEL_UNITS:
             raise UserInputError(f"seg.label_unit must be one of {LABEL_UNITS}, got {self.label_unit!r}")
-        for name in ("hflip_p", "jitter_p"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserInputError(f"seg.{name} must lie in [0, 1]")
-        for name in ("batch_size", "kv_size", "log_every", "ckpt_every"):
+        if not 0.0 <= self.jitter_p <= 1.0:
+            raise UserInputError("seg.jitter_p must lie in [0, 1]")
+        choices = {"loss": LOSSES, "lr_schedule": LR_SCHEDULES, "augment": AUGMENTATIONS,
+                   "feature_dtype": tuple(FEATURE_DTYPES)}
+        for name, options in choices.items():
+            if getattr(self, name) not in options:
+                raise UserInputError(f"seg.{name} must be one of {options}, got {getattr(self, name)!r}")
+        self.scale_range = [float(v) for v in self.scale_range]
+        if len(self.scale_range) != 2 or not 0.0 < self.scale_range[0] <= self.scale_range[1]:
+            raise UserInputError(f"seg.scale_range must be [low, high] with 0 < low <= high, got {self.scale_range}")
+        if self.lr_warmup < 0 or not 0.0 <= self.lr_min_ratio <= 1.0:
+            raise UserInputError("seg.lr_warmup must be >= 0 and seg.lr_min_ratio in [0, 1]")
+        if self.caa_window < 0 or (self.caa_window and self.caa_window % 2 == 0):
+            raise UserInputError(f"seg.caa_window must be 0 (global CAA) or odd (local CAA), got {self.caa_window}")
+        if self.feature_cache_gb <= 0:
+            raise UserInputError(f"seg.feature_cache_gb must be > 0, got {self.feature_cache_gb}")
+        for name in ("batch_size", "kv_size", "log_every", "ckpt_every", "feature_batch"):
             if int(getattr(self, name)) < 1:
                 raise UserInputError(f"seg.{name} must be >= 1")
 
@@ -207,35 +253,114 @@ class _Pairs(Dataset):
 
 
 # --------------------------------------------------------------------------------------------
-# augmentation (paper §V-A3)
+# augmentation (paper §V-A3, plus dihedral moves and zoom) and loss
 # --------------------------------------------------------------------------------------------
+
+
+ViewFeatures = Callable[[torch.Tensor, list[int]], Mapping[int, torch.Tensor]]
+
+
+def draw_dihedral(n: int, mode: str, generator: torch.Generator) -> torch.Tensor:
+    """One dihedral transform index per sample, drawn like :func:`diffusiondci.data.augment.random_dihedral`
+    (``dihedral``: 0..7; ``hflip``: 0 or 4 = flip, p = 0.5; ``none``: 0, nothing drawn)."""
+    if mode not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {mode!r}")
+    if mode == "none":
+        return torch.zeros(n, dtype=torch.long)
+    draws = torch.randint(0, 8 if mode == "dihedral" else 2, (n,), generator=generator)
+    return draws * 4 if mode == "hflip" else draws
+
+
+def apply_dihedral(x: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """``dihedral(x[i], states[i])`` for every sample (square images)."""
+    out = x.clone()
+    for k in states.unique().tolist():
+        if k:
+            idx = (states == k).nonzero().flatten().to(x.device)
+            out[idx] = dihedral(x[idx], int(k))
+    return out
+
+
+def colour_jitter(images: torch.Tensor, cfg: SegConfig, generator: torch.Generator) -> torch.Tensor:
+    """The paper's jitter with probability ``jitter_p`` per image: brightness shift in ``[-b, b]``,
+    contrast and saturation factors in ``[1-c, 1+c]``, hue shift in ``[-h, h]`` turns (kornia)."""
+    n, dev = images.shape[0], images.device
+    u = torch.rand(n, 5, generator=generator).to(dev)
+    jitter = u[:, 0] < cfg.jitter_p
+    if not bool(jitter.any()):
+        return images
+    x = (images + 1) / 2
+    y = adjust_brightness(x, (u[:, 1] * 2 - 1) * cfg.brightness)
+    y = adjust_contrast(y, 1 + (u[:, 2] * 2 - 1) * cfg.contrast)
+    y = adjust_saturation(y, 1 + (u[:, 3] * 2 - 1) * cfg.saturation)
+    y = adjust_hue(y, (u[:, 4] * 2 - 1) * cfg.hue * 2 * math.pi)
+    y = y.clamp(0, 1) * 2 - 1
+    return torch.where(jitter[:, None, None, None], y, images)
+
+
+def random_zoom(
+    images: torch.Tensor, masks: torch.Tensor, features: Mapping[int, torch.Tensor] | None, cfg: SegConfig,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor] | None]:
+    """Zoom each sample about its centre by ``s`` uniform in ``scale_range`` (s > 1 magnifies),
+    images and features bilinear, masks nearest, borders reflected; one affine grid in normalised
+    coordinates for every resolution keeps them aligned."""
+    n, dev = images.shape[0], images.device
+    lo, hi = cfg.scale_range
+    s = lo + (hi - lo) * torch.rand(n, generator=generator)
+    if lo == hi == 1.0:
+        return images, masks, dict(features) if features is not None else None
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / s
+    theta = theta.to(dev, images.dtype)
+
+    def warp(x: torch.Tensor, mode: str) -> torch.Tensor:
+        grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+        return F.grid_sample(x, grid, mode=mode, padding_mode="reflection", align_corners=False)
+
+    images = warp(images, "bilinear")
+    masks = warp(masks[:, None].float(), "nearest")[:, 0].round().long()
+    feats = {b: warp(f, "bilinear") for b, f in features.items()} if features is not None else None
+    return images, masks, feats
+
+
+def augment_views(
+    images: torch.Tensor, masks: torch.Tensor, cfg: SegConfig, generator: torch.Generator,
+    view_features: ViewFeatures | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor] | None]:
+    """The training augmentation (module docstring, steps 1-3): ``(images, masks, features)``.
+
+    ``view_features(views, states)`` gives the frozen DSDM's features of the un-jittered views
+    ``dihedral(images[i], states[i])`` (e.g. :meth:`FeatureCache.features`); it never sees the
+    colour-jittered image nor the mask. All draws come from ``generator`` (saved with the
+    checkpoints, so a resumed run augments identically).
+    """
+    states = draw_dihedral(images.shape[0], cfg.augment, generator)
+    views = apply_dihedral(images, states)
+    masks = apply_dihedral(masks, states)
+    feats = dict(view_features(views, states.tolist())) if view_features is not None else None
+    x = colour_jitter(views, cfg, generator)
+    return random_zoom(x, masks, feats, cfg, generator)
 
 
 def augment_batch(
     images: torch.Tensor, masks: torch.Tensor, cfg: SegConfig, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flip (image and mask) with ``hflip_p``; colour jitter (image) with ``jitter_p``.
+    """:func:`augment_views` without DSDM features: ``(images, masks)``."""
+    x, y, _ = augment_views(images, masks, cfg, generator)
+    return x, y
 
-    Jitter factors are uniform: brightness shift in ``[-b, b]``, contrast and saturation factors in
-    ``[1-c, 1+c]``, hue shift in ``[-h, h]`` turns (kornia does the colour maths). All draws come
-    from ``generator`` (saved with checkpoints, so resumed runs augment identically).
-    """
-    n = images.shape[0]
-    dev = images.device
-    u = torch.rand(n, 6, generator=generator).to(dev)
-    flip = u[:, 0] < cfg.hflip_p
-    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    masks = torch.where(flip[:, None, None], masks.flip(-1), masks)
-    jitter = u[:, 1] < cfg.jitter_p
-    if bool(jitter.any()):
-        x = (images + 1) / 2
-        y = adjust_brightness(x, (u[:, 2] * 2 - 1) * cfg.brightness)
-        y = adjust_contrast(y, 1 + (u[:, 3] * 2 - 1) * cfg.contrast)
-        y = adjust_saturation(y, 1 + (u[:, 4] * 2 - 1) * cfg.saturation)
-        y = adjust_hue(y, (u[:, 5] * 2 - 1) * cfg.hue * 2 * math.pi)
-        y = y.clamp(0, 1) * 2 - 1
-        images = torch.where(jitter[:, None, None, None], y, images)
-    return images, masks
+
+def make_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``logits (N, C, H, W), labels (N, H, W) -> loss``: ``ce`` (the paper's pixel cross-entropy) or
+    ``dice_ce`` = MONAI ``DiceCELoss`` (softmax, background included, labels one-hot; the soft Dice
+    of each class pooled over the batch, averaged over classes, plus the mean cross-entropy)."""
+    if name == "ce":
+        return F.cross_entropy
+    if name != "dice_ce":
+        raise UserInputError(f"seg.loss must be one of {LOSSES}, got {name!r}")
+    dice_ce = DiceCELoss(include_background=True, to_onehot_y=True, softmax=True, batch=True)
+    return lambda logits, labels: dice_ce(logits, labels[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,10 +421,12 @@ def build_model(
     channels: dict[int, int] = {}
     if cfg.injection != "none":
         check_blocks(cfg.blocks, dsdm.num_decoder_blocks, dsdm_run)
-        features = DiffusionFeatureExtractor(dsdm, schedule, info.encoder, cfg.blocks, cfg.timesteps, cfg.feature_seed)
+        features = DiffusionFeatureExtractor(dsdm, schedule, info.encoder, cfg.blocks, cfg.timesteps, cfg.feature_seed,
+                                             noise="shared", feature_dtype=cfg.feature_dtype)
         channels = features.feature_channels()
     torch.manual_seed(cfg.seed)
-    segmenter = Segmenter(unet_cfg, cfg.injection, channels, cfg.kv_size)
+    segmenter = Segmenter(unet_cfg, cfg.injection, channels, cfg.kv_size, caa_window=cfg.caa_window,
+                          pos_encoding="nyquist")
     report = init_from_dsdm(segmenter, dsdm.state_dict()) if cfg.init == "dsdm" else None
     record = {
         "unet": unet_cfg.to_dict(),
@@ -307,7 +434,11 @@ def build_model(
         "blocks": features.blocks if features is not None else [],
         "timesteps": features.timesteps if features is not None else [],
         "kv_size": cfg.kv_size,
+        "caa_window": cfg.caa_window,
+        "caa_pos": "nyquist",
         "feature_seed": cfg.feature_seed,
+        "feature_noise": "shared",
+        "feature_dtype": cfg.feature_dtype,
         "dsdm": _dsdm_section(dsdm_run, dsdm, schedule, info) if features is not None else None,
         "init_from": str(dsdm_run.resolve()) if cfg.init == "dsdm" else None,
     }
@@ -320,8 +451,12 @@ def build_model(
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> MetricAccumulator:
-    """Scores of ``model`` on every item of ``dataset`` (``image``, ``mask``)."""
+def predict_dataset(
+    model: nn.Module, dataset: Dataset, batch_size: int = 16,
+    features: Callable[[torch.Tensor], Mapping[int, torch.Tensor]] | None = None,
+) -> MetricAccumulator:
+    """Scores of ``model`` on every item of ``dataset`` (``image``, ``mask``); ``features(images)``,
+    if given, supplies the DSDM features (``model(images, features)``, e.g. from the cache)."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -330,8 +465,8 @@ def predict_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 16) ->
     for start in range(0, n, batch_size):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         x = torch.stack([it["image"] for it in items]).to(dev)
-        pred = model(x).argmax(1).cpu()
-        acc.update(pred.numpy(), torch.stack([it["mask"] for it in items]).numpy())
+        logits = model(x, features(x)) if features is not None else model(x)
+        acc.update(logits.argmax(1).cpu().numpy(), torch.stack([it["mask"] for it in items]).numpy())
     model.train(was)
     return acc
 
@@ -360,6 +495,22 @@ def _filter_synthetic(
 # --------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------
+
+
+def feature_cache(cfg: SegConfig, model: SegmentationModel, dsdm_run: Path | None) -> FeatureCache | None:
+    """The frozen DSDM's feature cache of this run (None without injection); ``feature_cache``:
+    ``dsdm`` = ``<dsdm run>/feature_cache``, ``off`` = computed at every use, else a folder."""
+    if model.features is None:
+        return None
+    where = str(cfg.feature_cache)
+    if where == "off":
+        root = None
+    elif where == "dsdm":
+        assert dsdm_run is not None
+        root = dsdm_run / "feature_cache"
+    else:
+        root = Path(where).expanduser()
+    return FeatureCache(model.features, root, int(cfg.feature_cache_gb * 1e9), cfg.feature_batch)
 
 
 def _data_record(dataset: PatchDataset, image_size: int) -> dict[str, Any]:
@@ -444,18 +595,30 @@ def train_seg(
     total_steps = cfg.steps if cfg.steps is not None else int(cfg.epochs or 0) * max(per_epoch, 1)
     val_every = cfg.val_every or max(per_epoch, 1)
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = make_lr_scheduler(optimizer, cfg.lr_schedule, total_steps, cfg.lr_warmup, cfg.lr_min_ratio)
     aug_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, info.rank, 17))
+    loss_fn = make_loss(cfg.loss)
+    cache = feature_cache(cfg, model, dsdm_path)
+
+    def view_features(views: torch.Tensor, states: list[int]) -> Mapping[int, torch.Tensor]:
+        assert cache is not None
+        return cache.features(views)  # keyed by the view itself: dihedral(image, k), un-jittered
 
     def step_fn(m: nn.Module, batch: dict, step: int) -> dict:
-        x, y = augment_batch(batch["image"], batch["mask"], cfg, aug_gen)
-        logits = m(x)
-        loss = F.cross_entropy(logits, y)
-        return {"loss": loss, "synthetic_fraction": batch["synthetic"].float().mean()}
+        before = dict(cache.stats) if cache is not None else None
+        x, y, feats = augment_views(batch["image"], batch["mask"], cfg, aug_gen,
+                                    view_features if cache is not None else None)
+        loss = loss_fn(m(x, feats) if feats is not None else m(x), y)
+        out = {"loss": loss, "synthetic_fraction": batch["synthetic"].float().mean()}
+        if cache is not None and before is not None:
+            out["feature_hits"] = (cache.stats["hits"] - before["hits"]) / max(len(batch["image"]), 1)
+        return out
 
     def val_fn(m: nn.Module, step: int) -> dict:
         if len(val) == 0:
             return {}
-        scores = predict_dataset(m, val).compute()
+        fetch = cache.features if cache is not None else None
+        scores = predict_dataset(m, val, features=fetch).compute()
         return {"dice": scores["mean_dice"] or 0.0, "miou": scores["mean_iou"] or 0.0}
 
     config = {
@@ -464,14 +627,16 @@ def train_seg(
         "dsdm": str(dsdm_path.resolve()) if dsdm_path is not None else None,
         "synthetic": str(Path(synthetic).resolve()) if synthetic is not None and cfg.synthetic_ratio > 0 else None,
         "filter_model": str(Path(filter_model).resolve()) if filter_model is not None else None,
-        **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("steps", "epochs", "num_workers")},
+        # where the feature cache lives and its bound change no result: a resumed run may move it
+        **{k: v for k, v in dataclasses.asdict(cfg).items()
+           if k not in ("steps", "epochs", "num_workers", "feature_cache", "feature_cache_gb")},
     }
     trainer = Trainer(
         run_dir, model, optimizer, train_set, batch_size, step_fn, total_steps, seed=cfg.seed, config=config,
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, val_fn=val_fn if len(val) else None,
         val_every=val_every, best_key="dice" if len(val) else None, best_mode="max", val_use_ema=False,
         resume=resume, device=device, num_workers=cfg.num_workers, progress=progress,
-        generators={"seg_augment": aug_gen},
+        generators={"seg_augment": aug_gen}, scheduler=scheduler,
     )
     if trainer.is_main:
         seg_record = {
@@ -485,7 +650,13 @@ def train_seg(
                 "label_seed": cfg.label_seed, "label_unit": cfg.label_unit, "num_labelled": n_real,
                 "labelled_ids": [real.ids[i] for i in chosen] if cfg.labelled is not None else None,
                 "synthetic_used": synth_record["used"] if synth_record else 0,
+                "loss": cfg.loss, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "lr_warmup": cfg.lr_warmup,
+                "augment": cfg.augment, "scale_range": cfg.scale_range,
+                # best on the val split when there is one, else the last step (prepare --val-fraction 0)
+                "checkpoint_policy": "best_val_dice" if len(val) else "last",
             },
+            "feature_cache": ({"folder": str(cache.folder), "settings": cache.settings}
+                              if cache is not None and cache.folder is not None else None),
         }
         write_json_atomic(run_dir / SEG_META, seg_record, sort_keys=True)
         if init_report is not None:
