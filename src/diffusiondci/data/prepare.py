@@ -336,28 +336,34 @@ def _extract_slide(
     normalizer = None
     if cfg.color_norm and target is not None:
         normalizer = color.TileNormalizer(_tile_dict(stats), target, cfg.tile_size)
+
+    def thumbnails() -> None:
+        thumb_before = read_rgb(staging / "state" / f"{job.stem}.thumb.png")
+        if normalizer is not None:
+            tile_px = cfg.tile_size // stats["thumbnail_factor"]
+            after = color.TileNormalizer(_tile_dict(stats), target, tile_px).apply(thumb_before, 0, 0)
+            color.save_before_after(thumb_before, after, staging / "thumbnails" / f"{job.stem}_colornorm.png")
+        else:
+            write_png_atomic(staging / "thumbnails" / f"{job.stem}.png", thumb_before, compress_level=1)
+
     with open_slide(job.path, max_pixels=cfg.max_pixels) as slide:
         read_mask, closer = _annotation_reader(job, slide.height, slide.width, cfg, class_map)
         cutter = _RoiCutter(job, cfg, staging, slide, normalizer, tissue_cfg, read_mask)
         grid = roi_grid(slide.height, slide.width, cfg.roi_size, cfg.stride, cfg.edge)
         found: dict[tuple[int, int], dict | None] = {}
+        # the before/after picture (item None) is made by the ROI threads, alongside the ROIs
+        work = [None, *cutter.groups()]
         try:
             with _pillow_block_cache(_roi_workers(cfg)):
-                for results in map_ordered(cutter.cut, cutter.groups(), _roi_workers(cfg)):
-                    found.update({(x, y): row for x, y, row in results})
+                for results in map_ordered(lambda g: thumbnails() if g is None else cutter.cut(g), work,
+                                           _roi_workers(cfg)):
+                    found.update({(x, y): row for x, y, row in results or ()})
                     if progress is not None:
                         progress(len(found), len(grid))
         finally:
             if closer is not None:
                 closer.close()
     rows = [found[xy] for xy in grid if found[xy] is not None]  # the grid's row-major order
-    thumb_before = read_rgb(staging / "state" / f"{job.stem}.thumb.png")
-    if normalizer is not None:
-        tile_px = cfg.tile_size // stats["thumbnail_factor"]
-        after = color.TileNormalizer(_tile_dict(stats), target, tile_px).apply(thumb_before, 0, 0)
-        color.save_before_after(thumb_before, after, staging / "thumbnails" / f"{job.stem}_colornorm.png")
-    else:
-        write_png_atomic(staging / "thumbnails" / f"{job.stem}.png", thumb_before, compress_level=1)
     write_json_atomic(done, rows)
     return rows
 
