@@ -61,6 +61,9 @@ def test_lr_warmup_then_cosine_and_poly_reach_the_floor():
         sched.step()
     assert lrs[0] == pytest.approx(2.0) and lrs[10] == pytest.approx(1.0) and lrs == sorted(lrs, reverse=True)
     assert make_lr_scheduler(opt, "constant", total=20) is None
+    assert make_lr_scheduler(opt, "constant", total=4, warmup=100) is None  # warm-up capped at total // 5
+    short = make_lr_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), "cosine", 100, 100)
+    assert short.lr_lambdas[0](19) == pytest.approx(1.0)  # warm-up over 20 of the 100 steps
     # the factor is rebuilt from the config, not restored from a checkpoint
     assert sched.state_dict()["lr_lambdas"] == [None]
 

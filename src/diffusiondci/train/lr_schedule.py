@@ -53,7 +53,12 @@ class LRFactor:
 def make_lr_scheduler(
     optimizer: torch.optim.Optimizer, schedule: str, total: int, warmup: int = 0, min_ratio: float = 0.0
 ) -> torch.optim.lr_scheduler.LambdaLR | None:
-    """A ``LambdaLR`` following :class:`LRFactor`, or None for a constant LR without warm-up."""
+    """A ``LambdaLR`` following :class:`LRFactor`, or None for a constant LR without warm-up.
+
+    The warm-up is capped at a fifth of the planned steps, so a short run (a test, the demo, a quick
+    look) still spends most of its steps at the peak and on the decay.
+    """
+    warmup = min(int(warmup), int(total) // 5)
     if schedule == "constant" and warmup == 0:
         return None
     factor = LRFactor(schedule, total, warmup, min_ratio)
