@@ -8,7 +8,8 @@ them) and its wall-clock time from ``log.csv``, the EMA weights sample one image
 first ``--n-eval`` test patches (patients outside the training split), conditioned on the patch's
 mask and on the patch itself as reference image. Scores (SDM's protocol):
 
-* FD and KID in the reference encoder's feature space, generated vs. the real test patches;
+* FD and KID in the reference encoder's feature space, generated vs. the real test patches (and,
+  as the yardstick, real training patches vs. the same test patches);
 * gen-mIoU: an independent off-the-shelf MONAI U-Net, trained on the real train split (best
   validation checkpoint), segments the generated images; its mIoU against the conditioning masks,
   next to its mIoU on the real images of the same masks (``real_miou``). ``ratio`` = gen / real.
@@ -111,11 +112,17 @@ def main() -> None:
         wanted = [s for s in wanted if s in {int(v) for v in args.steps.split(",")}]
     rows = []
     real_feats = None
+    fd_real = None
     for step in wanted:
         model, schedule, info = load_dsdm(args.dsdm, checkpoint=f"step_{step}", device="cpu")
         extractor = ModuleFeatureExtractor(info.encoder) if info.encoder is not None else None
         if real_feats is None and extractor is not None:
             real_feats = extractor(real)
+            # the yardstick: real training patches (other patients) against the same real test patches
+            train = PatchDataset(args.data, splits=("train",), with_masks=True, labelled_only=True)
+            train_imgs = torch.stack([train[i]["image"] for i in range(min(len(items), len(train)))])
+            fd_real = frechet_distance(extractor(train_imgs), real_feats)
+            print(f"FD real train vs real test patches: {fd_real:.2f}", flush=True)
         refs = embed_dataset(info.encoder, list(real), batch_size=64) if info.encoder is not None else None
         t0 = time.perf_counter()
         fake = generate(model, schedule, masks, refs, sampler=args.sampler, steps=args.sample_steps,
@@ -140,6 +147,7 @@ def main() -> None:
     (args.out / "convergence.json").write_text(json.dumps(
         {"data": str(args.data), "dsdm": str(args.dsdm), "n_eval": len(items), "sampler": args.sampler,
          "sample_steps": args.sample_steps, "guidance": args.guidance, "independent_unet": ref_run,
+         "fd_real_train_vs_test": fd_real,
          "rows": rows}, indent=2))
     if rows:
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
