@@ -151,16 +151,6 @@ def _one_line_warnings():
         yield
 
 
-@contextlib.contextmanager
-def _warnings_as_lines():
-    """Show warnings as one line each on stderr (``warning: <file>: <what>``), without Python's
-    source-line decoration, while a data command runs."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
-        warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
-        yield
-
-
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"diffusiondci {__version__}")
@@ -210,10 +200,9 @@ def prepare(
         color_norm=False if no_color_norm else None, norm_target=norm_target, min_tissue=min_tissue,
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, max_pixels=max_pixels,
     )
-    with _warnings_as_lines():
-        prepare_dataset(input_dir, out, cfg, masks_dir=masks, groups_csv=groups, class_map_file=class_map,
-                        log=typer.echo, progress_factory=_progress_factory, unlabelled_dir=unlabelled,
-                        allow_unlabelled=allow_unlabelled)
+    prepare_dataset(input_dir, out, cfg, masks_dir=masks, groups_csv=groups, class_map_file=class_map,
+                    log=typer.echo, progress_factory=_progress_factory, unlabelled_dir=unlabelled,
+                    allow_unlabelled=allow_unlabelled)
 
 
 @app.command("import-patches")
@@ -489,9 +478,8 @@ def rasterize(
     from .data.rasterize import rasterize_paths
     from .data.slides import DEFAULT_MAX_PIXELS
 
-    with _warnings_as_lines():
-        rasterize_paths(inputs, out, annotations=annotations, class_map_file=class_map, downsample=downsample,
-                        max_pixels=max_pixels or DEFAULT_MAX_PIXELS, log=typer.echo)
+    rasterize_paths(inputs, out, annotations=annotations, class_map_file=class_map, downsample=downsample,
+                    max_pixels=max_pixels or DEFAULT_MAX_PIXELS, log=typer.echo)
     typer.echo(f"label images: {out}")
 
 
