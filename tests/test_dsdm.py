@@ -47,8 +47,9 @@ def build_inputs(base: Path) -> dict[str, Path]:
 
 
 def micro_config(**kw) -> DSDMConfig:
+    # constant LR: several tests extend a run (--resume with more steps), which re-plans a decaying LR
     base = dict(unet_overrides=MICRO, batch_size=4, steps=2, ema_decay=0.9, log_every=1, ckpt_every=2,
-                sample_every=0)
+                sample_every=0, lr_schedule="constant", lr_warmup=0)
     base.update(kw)
     return build(DSDMConfig, load_section("tiny", "dsdm"), **base)
 
