@@ -159,21 +159,8 @@ def tiny_config(**overrides: Any) -> UNetConfig:
     coarser levels only (not the 64x64 one). About 2.3 M parameters with SPADE + MCAA (K = 16 tokens);
     6 decoder blocks.
     """
-    base = dict(
-        image_size=64,
-        channels=(32, 64, 64),
-        num_res_blocks=1,
-        attention_levels=(False, False, True),
-        num_head_channels=32,
-        norm_num_groups=16,
-        spade_hidden_channels=32,
-        spade_mode="shared",
-        spade_kernel_size=1,
-        mcaa_levels=(False, True, True),
-        ref_tokens=16,
-    )
-    base.update(overrides)
-    return UNetConfig(**base)
+    return tiny_v1_config(**{"spade_mode": "shared", "spade_kernel_size": 1, "mcaa_levels": (False, True, True),
+                             **overrides})
 
 
 def tiny_v1_config(**overrides: Any) -> UNetConfig:
