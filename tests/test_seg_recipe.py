@@ -114,18 +114,18 @@ def test_position_codes_stay_below_the_grid_nyquist_limit():
 
 
 def test_lr_warms_up_then_decays_in_train_seg(inputs, tmp_path):
-    cfg = seg_cfg(injection="none", init="scratch", steps=6, lr=1e-3, lr_schedule="poly", lr_warmup=2,
-                  log_every=1, val_every=3, ckpt_every=6)
+    cfg = seg_cfg(injection="none", init="scratch", steps=10, lr=1e-3, lr_schedule="poly", lr_warmup=2,
+                  log_every=1, val_every=5, ckpt_every=10)
     run = train_seg(inputs["data"], tmp_path / "run", cfg, progress=False, evaluate_test=False)
     with open(run / "log.csv") as fh:
         lrs = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(fh) if r.get("lr")}
-    factor = LRFactor("poly", 6, 2, 0.0)
-    for step in range(1, 6):  # logged after `step` optimizer steps: the LR of the next one
+    factor = LRFactor("poly", 10, 2, 0.0)  # (the warm-up is capped at a fifth of the steps: 2 here)
+    for step in range(1, 10):  # logged after `step` optimizer steps: the LR of the next one
         assert lrs[step] == pytest.approx(1e-3 * factor(step), rel=1e-6), step
-    assert lrs[1] == pytest.approx(1e-3) and lrs[5] < lrs[3] < lrs[2]
+    assert lrs[1] == pytest.approx(1e-3) == lrs[2] and lrs[9] < lrs[5] < lrs[3] < lrs[2]
     training = json.loads((run / "segmenter.json").read_text())["training"]
     assert training["lr_schedule"] == "poly" and training["loss"] == "dice_ce"
-    assert training["checkpoint_policy"] == "best_val_dice" and (run / "checkpoints" / "best").is_dir()
+    assert training["checkpoint_policy"] == "best_val_dice_dataset" and (run / "checkpoints" / "best").is_dir()
 
 
 def test_no_validation_split_trains_keeps_the_last_checkpoint_and_segments(inputs, tmp_path):

@@ -171,18 +171,21 @@ class LocalCAAInjection(nn.Module):
 
     def forward(self, h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
         n, c, hh, ww = h.shape
-        w2, p = self.window * self.window, self.window // 2
+        p, heads, d = self.window // 2, self.heads, self.head_dim
         f = to_grid(f.to(h.dtype), (hh, ww))
-        q = self.to_q(self.norm(h)).reshape(n, self.heads, self.head_dim, 1, hh * ww)
+        q = self.to_q(self.norm(h)).reshape(n, heads, d, hh, ww) / math.sqrt(d)
         kv = self.to_kv(self.context_norm(f.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
         if p:
             kv = F.pad(kv, (p, p, p, p), mode="replicate")
-        kv = F.unfold(kv, self.window).reshape(n, 2, self.heads, self.head_dim, w2, hh * ww)
-        k, v = kv[:, 0], kv[:, 1]
-        logits = (q * k).sum(2) / math.sqrt(self.head_dim) + self.rel_bias[None, :, :, None]  # (N, heads, w2, HW)
-        attn = logits.softmax(dim=2)
-        out = (attn.unsqueeze(2) * v).sum(3).reshape(n, c, hh, ww)
-        return h + self.out(out)
+        k, v = kv.reshape(n, 2, heads, d, hh + 2 * p, ww + 2 * p).unbind(1)
+        # one shifted slice per window offset (no unfolded copy: about twice as fast on the CPU)
+        offsets = [(dy, dx) for dy in range(self.window) for dx in range(self.window)]
+        logits = torch.stack([(q * k[..., dy:dy + hh, dx:dx + ww]).sum(2) for dy, dx in offsets], 2)
+        attn = (logits + self.rel_bias[None, :, :, None, None]).softmax(2)  # (N, heads, w*w, H, W)
+        out = attn[:, :, :1] * v[..., :hh, :ww]
+        for j, (dy, dx) in enumerate(offsets[1:], start=1):
+            out = out + attn[:, :, j:j + 1] * v[..., dy:dy + hh, dx:dx + ww]
+        return h + self.out(out.reshape(n, c, hh, ww))
 
 
 class Segmenter(nn.Module):

@@ -96,6 +96,10 @@ __all__ = [
 INITS = ("dsdm", "scratch")
 LABEL_UNITS = ("slide", "patch")
 LOSSES = ("ce", "dice_ce")
+#: ``val_metric`` -> the logged validation score that picks ``checkpoints/best``: the mean Dice of
+#: the pooled confusion matrix of the val split (``dataset``) or the mean of per-image mean Dice
+#: (``image``, where a class wrongly predicted in a one-class patch scores 0: much noisier).
+VAL_METRICS = {"dataset": "dice_dataset", "image": "dice"}
 
 
 @dataclass
@@ -119,6 +123,7 @@ class SegConfig:
     steps: int | None = 300
     epochs: int | None = None
     val_every: int | None = 50
+    val_metric: str = "dataset"  # dataset (pooled Dice of the val split) | image (mean per-image Dice)
     augment: str = "dihedral"  # none | hflip | dihedral (image, mask and the DSDM's view together)
     scale_range: list[float] = field(default_factory=lambda: [0.9, 1.1])  # random zoom; [1, 1]: off
     jitter_p: float = 0.8
@@ -165,7 +170,7 @@ class SegConfig:
         if not 0.0 <= self.jitter_p <= 1.0:
             raise UserInputError("seg.jitter_p must lie in [0, 1]")
         choices = {"loss": LOSSES, "lr_schedule": LR_SCHEDULES, "augment": AUGMENTATIONS,
-                   "feature_dtype": tuple(FEATURE_DTYPES)}
+                   "feature_dtype": tuple(FEATURE_DTYPES), "val_metric": tuple(VAL_METRICS)}
         for name, options in choices.items():
             if getattr(self, name) not in options:
                 raise UserInputError(f"seg.{name} must be one of {options}, got {getattr(self, name)!r}")
@@ -619,7 +624,9 @@ def train_seg(
             return {}
         fetch = cache.features if cache is not None else None
         scores = predict_dataset(m, val, features=fetch).compute()
-        return {"dice": scores["mean_dice"] or 0.0, "miou": scores["mean_iou"] or 0.0}
+        pooled = scores["dataset"]
+        return {"dice": scores["mean_dice"] or 0.0, "miou": scores["mean_iou"] or 0.0,
+                "dice_dataset": pooled["mean_dice"] or 0.0, "miou_dataset": pooled["mean_iou"] or 0.0}
 
     config = {
         "stage": "seg",
@@ -634,7 +641,8 @@ def train_seg(
     trainer = Trainer(
         run_dir, model, optimizer, train_set, batch_size, step_fn, total_steps, seed=cfg.seed, config=config,
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, val_fn=val_fn if len(val) else None,
-        val_every=val_every, best_key="dice" if len(val) else None, best_mode="max", val_use_ema=False,
+        val_every=val_every, best_key=VAL_METRICS[cfg.val_metric] if len(val) else None, best_mode="max",
+        val_use_ema=False,
         resume=resume, device=device, num_workers=cfg.num_workers, progress=progress,
         generators={"seg_augment": aug_gen}, scheduler=scheduler,
     )
@@ -653,7 +661,7 @@ def train_seg(
                 "loss": cfg.loss, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "lr_warmup": cfg.lr_warmup,
                 "augment": cfg.augment, "scale_range": cfg.scale_range,
                 # best on the val split when there is one, else the last step (prepare --val-fraction 0)
-                "checkpoint_policy": "best_val_dice" if len(val) else "last",
+                "checkpoint_policy": f"best_val_{VAL_METRICS[cfg.val_metric]}" if len(val) else "last",
             },
             "feature_cache": ({"folder": str(cache.folder), "settings": cache.settings}
                               if cache is not None and cache.folder is not None else None),
