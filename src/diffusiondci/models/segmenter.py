@@ -204,7 +204,7 @@ class Segmenter(nn.Module):
         feature_channels: Mapping[int, int] | None = None,
         kv_size: int = 16,
         caa_window: int = 0,
-        pos_encoding: str = "octave",
+        pos_encoding: str = "nyquist",
     ) -> None:
         super().__init__()
         if injection not in INJECTIONS:
