@@ -1,7 +1,7 @@
 """How fast does a DSDM become realistic? Scores a training run's checkpoints against wall-clock time.
 
     python benchmarks/dsdm_convergence.py --data DATASET --dsdm RUN [--n-eval 64] [--sample-steps 25]
-        [--guidance 3] [--unet-steps 1500] [--out bench_output/convergence]
+        [--guidance 3] [--unet-steps 1500] [--unet-cache FILE.pt] [--out bench_output/convergence]
 
 For every ``checkpoints/step_<N>`` of the DSDM run (train with ``keep_last`` large enough to keep
 them) and its wall-clock time from ``log.csv``, the EMA weights sample one image for each of the
@@ -49,7 +49,7 @@ from diffusiondci.evaluation.metrics import MetricAccumulator  # noqa: E402
 from diffusiondci.models.embedding import embed_dataset  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from monai_unet_reference import train_one  # noqa: E402
+from monai_unet_reference import independent_net  # noqa: E402
 
 
 def wall_minutes(run: Path) -> dict[int, float]:
@@ -89,8 +89,11 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--autocast", default="fp32", help="sampling precision: fp32 | bf16 | auto")
     ap.add_argument("--steps", default=None, help="comma-separated checkpoint steps (default: all)")
     ap.add_argument("--unet-steps", type=int, default=1500, help="training steps of the independent U-Net")
+    ap.add_argument("--unet-cache", type=Path, default=None,
+                    help="a .pt file: reuse the independent U-Net trained there for the same data and steps")
     ap.add_argument("--out", type=Path, default=Path("bench_output/convergence"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,7 @@ def main() -> None:
     masks = torch.stack([it["mask"] for it in items]).long()
 
     start = time.perf_counter()
-    ref_run, net = train_one(args.data, None, 0, args.unet_steps, None, 50, 12, 1e-3, return_net=True)
+    ref_run, net = independent_net(args.data, args.unet_steps, args.unet_cache)
     print(f"independent U-Net: {ref_run['steps']} steps in {time.perf_counter() - start:.0f} s, "
           f"test mIoU {ref_run['mean_iou']:.3f}", flush=True)
     real_seg = segment(net, real, masks)
@@ -126,7 +129,7 @@ def main() -> None:
         refs = embed_dataset(info.encoder, list(real), batch_size=64) if info.encoder is not None else None
         t0 = time.perf_counter()
         fake = generate(model, schedule, masks, refs, sampler=args.sampler, steps=args.sample_steps,
-                        guidance=args.guidance, seed=0, batch_size=32)
+                        guidance=args.guidance, seed=0, batch_size=32, autocast=args.autocast)
         sample_s = time.perf_counter() - t0
         gen_seg = segment(net, fake, masks)
         row = {"step": step, "minutes": round(minutes.get(step, float("nan")), 2), "sample_s": round(sample_s, 1),
@@ -146,7 +149,7 @@ def main() -> None:
 
     (args.out / "convergence.json").write_text(json.dumps(
         {"data": str(args.data), "dsdm": str(args.dsdm), "n_eval": len(items), "sampler": args.sampler,
-         "sample_steps": args.sample_steps, "guidance": args.guidance, "independent_unet": ref_run,
+         "sample_steps": args.sample_steps, "guidance": args.guidance, "autocast": args.autocast, "independent_unet": ref_run,
          "fd_real_train_vs_test": fd_real,
          "rows": rows}, indent=2))
     if rows:

@@ -47,6 +47,12 @@ def stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items]).long()
 
 
+def make_unet() -> UNet:
+    """The reference network: a small off-the-shelf MONAI U-Net."""
+    return UNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(16, 32, 64, 128), strides=(2, 2, 2),
+                num_res_units=2)
+
+
 def train_one(data: Path, labelled: int | None, seed: int, steps: int | None, seconds: float | None,
               val_every: int, batch_size: int, lr: float, return_net: bool = False) -> dict | tuple[dict, UNet]:
     """One run; its scores (and, with ``return_net``, the trained network with the best validation Dice)."""
@@ -57,8 +63,7 @@ def train_one(data: Path, labelled: int | None, seed: int, steps: int | None, se
     x_all, y_all = stack(real, chosen)
     val = PatchDataset(data, splits=("val",), with_masks=True, labelled_only=True)
     test = PatchDataset(data, splits=("test",), with_masks=True, labelled_only=True)
-    net = UNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(16, 32, 64, 128), strides=(2, 2, 2),
-               num_res_units=2)
+    net = make_unet()
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     best, best_state, step, start = -1.0, None, 0, time.perf_counter()
@@ -91,6 +96,26 @@ def train_one(data: Path, labelled: int | None, seed: int, steps: int | None, se
               "dataset_dice": scores["dataset"]["mean_dice"], "dataset_iou": scores["dataset"]["mean_iou"],
               "dice_per_class": scores["dice_per_class"]}
     return (record, net.eval()) if return_net else record
+
+
+def independent_net(data: Path, steps: int, cache: Path | None = None) -> tuple[dict, UNet]:
+    """The U-Net trained on every labelled training patch of ``data`` for ``steps`` steps (seed 0,
+    best validation checkpoint), as the generator benchmarks' independent judge. With ``cache``
+    (a ``.pt`` file) a net trained before for the same data and steps is reloaded instead."""
+    meta = cache.with_suffix(".json") if cache is not None else None
+    if cache is not None and cache.exists() and meta.exists():
+        record = json.loads(meta.read_text())
+        if record.get("data") == str(Path(data).resolve()) and record.get("steps") == steps:
+            net = make_unet()
+            net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
+            return record, net.eval()
+    record, net = train_one(data, None, 0, steps, None, 50, 12, 1e-3, return_net=True)
+    record["data"] = str(Path(data).resolve())
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), cache)
+        meta.write_text(json.dumps(record, indent=2))
+    return record, net
 
 
 def main() -> None:
