@@ -464,7 +464,8 @@ def test_default_blocks_must_fit_the_dsdm_depth(monkeypatch):
     from diffusiondci.diffusion import dsdm_run
     from diffusiondci.diffusion.schedule import DiffusionSchedule
     from diffusiondci.models.unet import DSDMUNet, tiny_config
-    from diffusiondci.train.segmentation import SegConfig, build_model, check_blocks
+    from diffusiondci.train.seg_config import SegConfig
+    from diffusiondci.train.segmentation import build_model, check_blocks
 
     with pytest.raises(UserInputError, match=r"--blocks, or seg\.blocks.*decoder blocks 0\.\.5"):
         check_blocks([6, 7, 8, 9, 10], 6, Path("dsdm"))

@@ -22,7 +22,8 @@ from diffusiondci.models.segmenter import LocalCAAInjection, Segmenter, sincos_2
 from diffusiondci.models.unet import tiny_config
 from diffusiondci.models.segmenter import segmenter_unet_config
 from diffusiondci.train.lr_schedule import LRFactor
-from diffusiondci.train.segmentation import apply_dihedral, augment_views, draw_dihedral, make_loss, train_seg
+from diffusiondci.train.seg_augment import apply_dihedral, augment_views, draw_dihedral, make_loss
+from diffusiondci.train.segmentation import train_seg
 from tests.test_dsdm import build_inputs
 from tests.test_segmentation import seg_cfg
 

@@ -23,7 +23,9 @@ from diffusiondci.models.segmenter import Segmenter, init_from_dsdm, segmenter_u
 from diffusiondci.models.unet import DSDMUNet
 from diffusiondci.segmentation.features import DiffusionFeatureExtractor, paper_probe_timesteps
 from diffusiondci.segmentation.run import load_segmenter
-from diffusiondci.train.segmentation import SegConfig, choose_labelled, synthetic_subset, train_seg
+from diffusiondci.train.seg_config import SegConfig
+from diffusiondci.train.seg_data import choose_labelled, synthetic_subset
+from diffusiondci.train.segmentation import train_seg
 from tests.test_dsdm import build_inputs, conditional_run
 
 

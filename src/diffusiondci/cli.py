@@ -322,7 +322,8 @@ def train_seg_cmd(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (an error if there is none).")] = False,
 ) -> None:
     """Train the segmenter (DSDM backbone + CAA-injected diffusion features), or the plain U-Net baseline."""
-    from .train.segmentation import SegConfig, train_seg
+    from .train.seg_config import SegConfig
+    from .train.segmentation import train_seg
 
     _at_least("--steps", steps, 1)
     _at_least("--batch-size", batch_size, 1)

@@ -80,7 +80,8 @@ def ensure_samples(dsdm: Path, masks: Path, out: Path, preset: str, steps: int, 
 def ensure_seg(data: Path, run: Path, preset: str, steps: int | None, dsdm: Path | None = None,
                synthetic: Path | None = None, log: Log = print, **overrides: Any) -> dict[str, Any]:
     """Train (or resume, or reuse) a segmenter run; returns its test scores plus ``wall_s``."""
-    from ..train.segmentation import SegConfig, evaluate_run, train_seg
+    from ..train.seg_config import SegConfig
+    from ..train.segmentation import evaluate_run, train_seg
 
     marker = run / "test_metrics.json"
     if not marker.is_file():
@@ -118,7 +119,7 @@ def labelled_view(data: Path, out: Path, n: int | None, seed: int, unit: str = "
     slides (``unit`` slide) or patches (``unit`` patch) keep their label, drawn like ``train-seg
     --labelled``; the other training patches are marked unlabelled. Val/test rows are untouched.
     Returns the folder and the labelled patch ids."""
-    from ..train.segmentation import choose_labelled, labelled_groups
+    from ..train.seg_data import choose_labelled, labelled_groups
 
     train = PatchDataset(data, splits=("train",), with_masks=False, labelled_only=True, cache=False)
     chosen = {train.ids[i] for i in choose_labelled(train.ids, n, seed, labelled_groups(train, unit))}

@@ -267,7 +267,7 @@ def fig6(ctx: _Ctx) -> None:
 
 def table6(ctx: _Ctx) -> None:
     from ..config import build, load_section
-    from ..train.segmentation import SegConfig
+    from ..train.seg_config import SegConfig
     from .probe import ProbeConfig, pixel_classifier_baseline
 
     rows = []
@@ -307,7 +307,7 @@ def label_budget(ctx: _Ctx) -> None:
     """Plain U-Net vs DiffusionDCI for each annotation budget N (issue 7). N counts what
     ``label_unit`` says (default: source slides / images, with all their patches)."""
     from ..data.patch_dataset import PatchDataset
-    from ..train.segmentation import labelled_groups
+    from ..train.seg_data import labelled_groups
 
     unit = ctx.cfg.label_unit
     train = PatchDataset(ctx.data, splits=("train",), with_masks=False, cache=False)
