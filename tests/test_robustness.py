@@ -320,7 +320,7 @@ def test_errors_name_the_flag_the_value_came_from(inputs, tmp_path, monkeypatch,
 
 
 def test_warnings_are_one_line_each_and_once(capsys):
-    from diffusiondci.cli import _one_line_warnings
+    from diffusiondci.cli.common import _one_line_warnings
 
     with _one_line_warnings():
         for _ in range(2):
