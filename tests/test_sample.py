@@ -15,7 +15,7 @@ from PIL import Image
 from diffusiondci.data.imageio import read_mask, read_rgb
 from diffusiondci.data.patch_dataset import PatchDataset
 from diffusiondci.diffusion.dsdm_run import load_dsdm
-from diffusiondci.diffusion.generate import batch_generator, generate, guided_model_fn
+from diffusiondci.diffusion.generate import batch_generator, generate, guided_model_fn, in_precision
 from diffusiondci.diffusion.pipeline import SampleConfig, sample_to_folder
 from diffusiondci.diffusion.samplers import ddim_sample
 from diffusiondci.diffusion.schedule import DiffusionSchedule
@@ -193,3 +193,27 @@ def test_bad_masks_rejected(shared, tmp_path):
                          progress=False)
     with pytest.raises(UserInputError, match="sampler"):
         SampleConfig(sampler="euler")
+
+
+def test_sampling_precision_bf16_runs_the_network_in_bf16_and_keeps_guidance_in_fp32(random_net, conditions,
+                                                                                       monkeypatch):
+    """generate(autocast=): bf16 where the CPU has it natively (the network's output cast back to fp32,
+    close to the fp32 images); without native bf16, ``auto`` is exactly the fp32 sampler."""
+    from diffusiondci import device as device_mod
+
+    masks, refs = conditions
+    sched = DiffusionSchedule(1000)
+    kw = dict(sampler="ddim", steps=3, guidance=3.0, seed=4, batch_size=8)
+    fp32 = generate(random_net, sched, masks, refs, **kw)
+    monkeypatch.setattr(device_mod, "native_bf16", lambda dev: False)
+    assert torch.equal(generate(random_net, sched, masks, refs, autocast="auto", **kw), fp32)
+    monkeypatch.setattr(device_mod, "native_bf16", lambda dev: True)
+    x, t = torch.randn(3, 3, 64, 64), torch.tensor([10, 400, 900])
+    with torch.no_grad():
+        out = in_precision(random_net, "bf16")(x, t, mask=mask_one_hot(masks), ref=refs)
+        ref_out = random_net(x, t, mask=mask_one_hot(masks), ref=refs)
+    assert out.dtype == torch.float32 and not torch.equal(out, ref_out)  # computed in bf16 ...
+    assert (out - ref_out).abs().max() < 0.1 * ref_out.abs().max()  # ... and close to fp32
+    bf16 = generate(random_net, sched, masks, refs, autocast="auto", **kw)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    assert (bf16 - fp32).abs().mean() < 0.05

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ..device import resolve_autocast
 from ..errors import UserInputError
 from ..models.conditions import mask_one_hot
 from ..models.unet import DSDMUNet
@@ -24,23 +25,43 @@ from .samplers import DEFAULT_FRACTIONS, ModelFn, ddim_sample, ddpm_sample
 from .schedule import DiffusionSchedule
 
 __all__ = ["DDIM_DEFAULT_STEPS", "SAMPLERS", "batch_generator", "check_sampler", "generate", "generate_batch",
-           "guided_model_fn"]
+           "guided_model_fn", "in_precision"]
 
 SAMPLERS = ("ddpm", "ddim")
 DDIM_DEFAULT_STEPS = 50
 
 
+def in_precision(model: DSDMUNet, precision: str | None) -> Callable[..., torch.Tensor]:
+    """``model`` itself (fp32), or a callable running it under bf16 autocast (``precision="bf16"``)
+    whose output is cast back to float32, so that guidance and the sampler updates stay in fp32."""
+    if precision is None:
+        return model
+    if precision != "bf16":
+        raise ValueError(f"precision must be None or 'bf16', got {precision!r}")
+    device_type = next(model.parameters()).device.type
+
+    def run(x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            out = model(x, t, **cond)
+        return out.float()
+
+    return run
+
+
 def guided_model_fn(
-    model: DSDMUNet, masks: torch.Tensor, refs: torch.Tensor | None, guidance: float = PAPER_GUIDANCE_SCALE
+    model: DSDMUNet, masks: torch.Tensor, refs: torch.Tensor | None, guidance: float = PAPER_GUIDANCE_SCALE,
+    precision: str | None = None,
 ) -> ModelFn:
     """``model_fn(x_t, t)`` for the samplers, conditioned on ``masks`` (labels ``(N, H, W)``) and
     ``refs`` (``(N, D)`` embeddings; None = NULL reference) with guidance scale ``guidance`` (eq. 17).
 
     Only the conditions the architecture uses take part (the null pass replaces exactly those);
-    with none (the unconditional baseline) the guidance scale is ignored.
+    with none (the unconditional baseline) the guidance scale is ignored. ``precision="bf16"`` runs
+    the network under bf16 autocast (see :func:`in_precision`).
     """
     cfg = model.config
     dev = next(model.parameters()).device
+    net = in_precision(model, precision)
     cond: dict[str, torch.Tensor] = {}
     null: dict[str, torch.Tensor] = {}
     if cfg.decoder_norm == "spade":
@@ -52,8 +73,8 @@ def guided_model_fn(
         cond["ref"] = refs.to(dev, torch.float32) if refs is not None else null_ref.expand(masks.shape[0], -1)
         null["ref"] = null_ref
     if not cond or float(guidance) == 0.0:
-        return lambda x, t: model(x, t, **cond)
-    return cfg_model_fn(model, cond, null, float(guidance))
+        return lambda x, t: net(x, t, **cond)
+    return cfg_model_fn(net, cond, null, float(guidance))
 
 
 def check_sampler(sampler: str) -> None:
@@ -74,12 +95,13 @@ def generate_batch(
     progress: bool | Callable[[int, int], None] = False,
     return_intermediates: bool = False,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    precision: str | None = None,
 ):
     size = model.config.image_size
     if masks.ndim != 3 or tuple(masks.shape[1:]) != (size, size):
         raise ValueError(f"masks must be (N, {size}, {size}) label maps, got {tuple(masks.shape)}")
     dev = next(model.parameters()).device
-    fn = guided_model_fn(model, masks, refs, guidance)
+    fn = guided_model_fn(model, masks, refs, guidance, precision)
     shape = (masks.shape[0], model.config.in_channels, size, size)
     kw: dict[str, Any] = dict(
         device=dev, progress=progress, return_intermediates=return_intermediates,
@@ -110,6 +132,7 @@ def generate(
     eta: float = 0.0,
     return_intermediates: bool = False,
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    autocast: str | None = None,
 ):
     """Generate one image per mask: ``(N, 3, H, W)`` float in [-1, 1] on the CPU.
 
@@ -123,8 +146,11 @@ def generate(
         progress: passed to the sampler of each batch (True = tqdm bar, or ``fn(step, total)``).
         return_intermediates: also return the x_t snapshots at ``fractions`` of the run, each
             ``(N, 3, H, W)``.
+        autocast: the network's precision, as ``train-dsdm``'s setting: ``auto`` (bf16 where the
+            hardware has it natively), ``bf16``, ``fp32`` / None.
     """
     check_sampler(sampler)
+    precision = resolve_autocast(autocast, next(model.parameters()).device)
     if batch_size < 1:
         raise UserInputError(f"batch size must be >= 1, got {batch_size}")
     masks = torch.as_tensor(masks).long()
@@ -136,7 +162,7 @@ def generate(
         sl = slice(start, start + batch_size)
         res = generate_batch(
             model, schedule, masks[sl], refs[sl] if refs is not None else None, sampler, steps, guidance,
-            batch_generator(seed, b), eta, progress, return_intermediates, fractions,
+            batch_generator(seed, b), eta, progress, return_intermediates, fractions, precision,
         )
         if return_intermediates:
             res, s = res
