@@ -120,3 +120,41 @@ def test_runs_with_the_same_settings_are_shared_between_experiments(tmp_path, mo
     assert (tmp_path / "lb" / "runs" / "plain_unet_nall_s0").resolve() == trained[0].resolve()
     second.seg("plain_unet_nall_s1", dsdm=None, injection="none", init="scratch", seed=1)
     assert len(trained) == 2 and trained[1].name.startswith("plain_unet_nall_s1_")
+
+
+def test_label_budget_trains_only_the_methods_asked_for(tmp_path, monkeypatch):
+    """experiment.budget_methods: the plain U-Net (the paired baseline) and the named methods are
+    trained, no other segmenter or DSDM; the rows carry the pooled (dataset-level) Dice too."""
+    from types import SimpleNamespace
+
+    from diffusiondci.data import patch_dataset
+    from diffusiondci.evaluation import experiments
+
+    trained: list[str] = []
+    dsdms: list[str] = []
+    fake_train = SimpleNamespace(ids=[f"p{i}" for i in range(6)], groups=[f"s{i}" for i in range(6)])
+    monkeypatch.setattr(patch_dataset, "PatchDataset", lambda *a, **k: fake_train)
+    monkeypatch.setattr("diffusiondci.train.seg_data.labelled_groups", lambda ds, unit: ds.groups)
+    monkeypatch.setattr(experiments, "labelled_view", lambda data, out, n, seed, unit: (out, ["p0", "p1"]))
+    monkeypatch.setattr(experiments, "augmented_masks", lambda *a, **k: tmp_path / "masks")
+    monkeypatch.setattr(experiments, "ensure_samples", lambda *a, **k: tmp_path / "synth")
+    monkeypatch.setattr(experiments._Ctx, "encoder_run", lambda self: tmp_path / "enc")
+    monkeypatch.setattr(experiments._Ctx, "dsdm_variant", lambda self, name, *a, **k: dsdms.append(name) or tmp_path)
+
+    def fake_seg(self, name, **kw):
+        trained.append(name)
+        return {"mean_dice": 0.5, "mean_iou": 0.4, "dataset": {"mean_dice": 0.6, "mean_iou": 0.45}}
+
+    monkeypatch.setattr(experiments._Ctx, "seg", fake_seg)
+    cfg = ExperimentConfig(seeds=[0], budgets=[2], budget_methods=["dci_with_unlabelled_synthetic"])
+    ctx = experiments._Ctx("label-budget", tmp_path, tmp_path / "lb", tmp_path / "assets", "tiny", cfg,
+                           log=lambda m: None)
+    ctx.out.mkdir()
+    experiments.label_budget(ctx)
+    assert [n.split("_n")[0] for n in trained] == ["plain_unet", "dci_with_unlabelled_synthetic"]
+    assert len(dsdms) == 1 and "unl" in dsdms[0]
+    got = rows(tmp_path / "lb" / "results.csv")
+    assert {r["method"] for r in got} == {"plain_unet", "dci_with_unlabelled_synthetic"}
+    assert all(float(r["dataset_dice"]) == 0.6 for r in got)
+    with pytest.raises(UserInputError, match="budget_methods"):
+        ExperimentConfig(budget_methods=["dci_everything"])

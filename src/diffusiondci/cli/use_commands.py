@@ -178,6 +178,7 @@ def experiment(
     ratios: Annotated[Optional[str], typer.Option(help="fig6: synthetic ratios, comma-separated (e.g. 0,0.5,1).", show_default=_from_preset("experiment", "ratios"))] = None,
     budgets: Annotated[Optional[str], typer.Option(help="label-budget: N labelled training slides (source images), comma-separated; 0 = all.", show_default=_from_preset("experiment", "budgets"))] = None,
     label_unit: Annotated[Optional[str], typer.Option(help="label-budget: what N counts, slide | patch.", show_default=_from_preset("experiment", "label_unit"))] = None,
+    budget_methods: Annotated[Optional[str], typer.Option(help="label-budget: methods besides the plain U-Net, comma-separated (dci_labelled_only, dci_with_unlabelled, dci_with_unlabelled_synthetic).", show_default=_from_preset("experiment", "budget_methods", none="all"))] = None,
     n_eval: Annotated[Optional[int], typer.Option(help="table1/table2: test masks to condition on.", show_default=_from_preset("experiment", "n_eval"))] = None,
     assets: Annotated[Optional[Path], typer.Option(help="Folder for shared models (encoder, DSDM, synthetic pairs).")] = None,
     dsdm: Annotated[Optional[Path], typer.Option(help="Reuse this DSDM run instead of training one.")] = None,
@@ -201,7 +202,8 @@ def experiment(
     cfg = _build(
         ExperimentConfig, load_section(preset, "experiment"), "experiment", None, seeds=_ints(seeds), seg_steps=seg_steps,
         dsdm_steps=dsdm_steps, encoder_steps=encoder_steps, sample_steps=sample_steps, ratios=floats(ratios),
-        budgets=_ints(budgets), label_unit=label_unit, n_eval=n_eval, inception=str(inception) if inception else None,
+        budgets=_ints(budgets), label_unit=label_unit, n_eval=n_eval,
+        budget_methods=[m.strip() for m in budget_methods.split(",") if m.strip()] if budget_methods else None, inception=str(inception) if inception else None,
     )
     folder = run_experiment(name, data, out, preset, cfg, assets=assets, dsdm=dsdm, encoder=encoder, log=typer.echo)
     typer.echo(f"experiment folder: {folder} (results.csv, summary.csv, plots); "

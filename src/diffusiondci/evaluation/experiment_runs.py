@@ -107,6 +107,8 @@ def ensure_seg(data: Path, run: Path, preset: str, steps: int | None, dsdm: Path
 def score_row(scores: dict[str, Any]) -> dict[str, Any]:
     """The numbers a results table keeps from a ``MetricAccumulator.compute()`` dict."""
     row = {k: scores.get(k) for k in ("mean_dice", "mean_iou", "mean_precision", "mean_recall", "accuracy")}
+    pooled = scores.get("dataset") or {}  # one confusion matrix over the whole test split
+    row["dataset_dice"], row["dataset_iou"] = pooled.get("mean_dice"), pooled.get("mean_iou")
     for i, name in enumerate(("background", "benign", "malignant")):
         per = scores.get("dice_per_class") or [None] * 3
         row[f"dice_{name}"] = per[i] if i < len(per) else None

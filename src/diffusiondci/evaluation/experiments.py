@@ -54,9 +54,14 @@ from .generation_scores import SCORE_KEYS
 __all__ = ["EXPERIMENTS", "ExperimentConfig", "paired_gain", "run_experiment", "summarize"]
 
 Log = Callable[[str], None]
-METRICS = ("mean_dice", "mean_iou", "mean_precision", "mean_recall", "accuracy")
+#: per-image means first, then the dataset-level (pooled confusion matrix) Dice and IoU
+METRICS = ("mean_dice", "mean_iou", "mean_precision", "mean_recall", "accuracy", "dataset_dice", "dataset_iou")
 #: table1 / table2 columns; the ``*_real`` ones are what real images score (a perfect generator)
 GENERATION_METRICS = tuple(k for k in SCORE_KEYS if k != "n_eval")
+
+#: label-budget methods: DiffusionDCI with a DSDM trained on the labelled images only, or on every
+#: training image (unlabelled ones with the null mask), the latter also with synthetic pairs
+BUDGET_METHODS = ("dci_labelled_only", "dci_with_unlabelled", "dci_with_unlabelled_synthetic")
 
 
 @dataclass
@@ -74,6 +79,8 @@ class ExperimentConfig:
     ratios: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     budgets: list[int] = field(default_factory=lambda: [8, 16, 32, 0])  # 0 = all labelled images
     budget_synthetic_ratio: float = 1.0
+    #: label-budget methods besides the plain U-Net (always trained: the paired baseline); None = all
+    budget_methods: list[str] | None = None
     label_unit: str = "slide"  # label-budget: N counts slides (source images, all their patches) | patches
     table6_ratio: float = 0.5
     probe_steps: int | None = None
@@ -89,6 +96,12 @@ class ExperimentConfig:
         self.budgets = [int(b) for b in self.budgets]
         if any(r < 0 for r in self.ratios) or any(b < 0 for b in self.budgets):
             raise UserInputError("experiment.ratios and experiment.budgets must be >= 0")
+        if self.budget_methods is not None:
+            self.budget_methods = [str(m) for m in self.budget_methods]
+            unknown = sorted(set(self.budget_methods) - set(BUDGET_METHODS))
+            if unknown:
+                raise UserInputError(f"experiment.budget_methods: unknown {', '.join(unknown)}; "
+                                     f"use any of {', '.join(BUDGET_METHODS)}")
         if self.label_unit not in ("slide", "patch"):
             raise UserInputError(f"experiment.label_unit must be slide or patch, got {self.label_unit!r}")
 
@@ -190,7 +203,8 @@ def summarize(rows: list[dict[str, Any]], keys: list[str], metrics: tuple[str, .
 
 
 def paired_gain(rows: list[dict[str, Any]], key: str, baseline: str, within: tuple[str, ...] = (),
-                pair: str = "seed", metrics: tuple[str, ...] = ("mean_dice", "mean_iou")) -> list[dict[str, Any]]:
+                pair: str = "seed", metrics: tuple[str, ...] = ("mean_dice", "mean_iou", "dataset_dice"),
+                ) -> list[dict[str, Any]]:
     """Each ``key`` value against ``baseline``, run by run: for the rows that share ``within`` and
     ``pair`` (e.g. the same label budget and seed, hence the same labelled slides) the difference
     ``metric - baseline's metric``; per ``key`` x ``within`` group its mean and population std over
@@ -328,17 +342,21 @@ def label_budget(ctx: _Ctx) -> None:
             plain = ctx.seg(ctx.name_of("plain_unet", f"n{label}", f"s{s}"), data=view, dsdm=None, injection="none",
                             init="scratch", seed=s)
             rows.append({**common, "method": "plain_unet", **score_row(plain)})
+            wanted = set(ctx.cfg.budget_methods or BUDGET_METHODS)
             variants = [("dci_labelled_only", False)] + ([("dci_with_unlabelled", True)] if n_eff is not None else [])
+            if n_eff is not None:  # with every label both DSDMs are the experiment's one DSDM
+                variants = [(m, unl) for m, unl in variants if m in wanted or f"{m}_synthetic" in wanted]
             for method, unl in variants:
                 if n_eff is None:  # every label used: the experiment's (shared or given) DSDM
                     dsdm = ctx.dsdm_run()
                 else:
                     dsdm = ctx.dsdm_variant(f"dsdm_n{label}_s{s}_{'unl' if unl else 'lab'}", view, encoder, s,
                                             use_unlabelled=unl)
-                scores = ctx.seg(ctx.name_of(method, f"n{label}", f"s{s}"), data=view, dsdm=dsdm, injection="caa",
-                                 init="dsdm", seed=s)
-                rows.append({**common, "method": method, **score_row(scores)})
-                if unl or n_eff is None:
+                if method in wanted or n_eff is None:
+                    scores = ctx.seg(ctx.name_of(method, f"n{label}", f"s{s}"), data=view, dsdm=dsdm,
+                                     injection="caa", init="dsdm", seed=s)
+                    rows.append({**common, "method": method, **score_row(scores)})
+                if (unl or n_eff is None) and (n_eff is None or f"{method}_synthetic" in wanted):
                     if n_eff is None:
                         synth = ctx.synthetic(ratio)
                     else:  # conditions: the labelled masks and flipped / rotated copies of them
@@ -486,12 +504,12 @@ def run_experiment(
     if path.is_file():
         saved = json.loads(path.read_text())
         same = {k: v for k, v in saved.items() if k != "settings"} == {k: v for k, v in record.items() if k != "settings"}
-        grids = ("seeds", "ratios", "budgets")  # grids may grow or shrink: finished runs are reused
+        grids = ("seeds", "ratios", "budgets", "budget_methods")  # may grow or shrink: finished runs are reused
         # a setting newer than the saved record takes its current value
         saved_s = {k: v for k, v in {**record["settings"], **saved["settings"]}.items() if k not in grids}
         if not same or saved_s != {k: v for k, v in record["settings"].items() if k not in grids}:
             raise UserInputError("folder holds this experiment with other settings; use a new --out "
-                                 "(only --seeds, --ratios and --budgets may change when continuing)", path)
+                                 "(only --seeds, --ratios, --budgets and --budget-methods may change when continuing)", path)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, record, sort_keys=True)
     ctx = _Ctx(name, data, out, Path(assets) if assets else out / "assets", preset, cfg, log,
