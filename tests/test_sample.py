@@ -217,3 +217,12 @@ def test_sampling_precision_bf16_runs_the_network_in_bf16_and_keeps_guidance_in_
     bf16 = generate(random_net, sched, masks, refs, autocast="auto", **kw)
     assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
     assert (bf16 - fp32).abs().mean() < 0.05
+
+
+def test_sample_config_checks_the_precision():
+    from diffusiondci.config import load_section
+
+    assert load_section("tiny", "sample")["autocast"] == "auto"
+    SampleConfig(autocast="fp32")
+    with pytest.raises(UserInputError, match="autocast"):
+        SampleConfig(autocast="fp16")

@@ -29,6 +29,7 @@ def sample(
     seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, same images).", show_default=_from_preset("sample", "seed"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per sampling batch.", show_default=_from_preset("sample", "batch_size"))] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="latest | step_N | a checkpoint folder (best = latest for DSDM runs).", show_default=_from_preset("sample", "checkpoint"))] = None,
+    autocast: Annotated[Optional[str], typer.Option(help="Network precision: auto (bf16 where the CPU/GPU has it natively) | bf16 | fp32.", show_default=_from_preset("sample", "autocast", none="fp32"))] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
 ) -> None:
     """Generate DCI patches from semantic masks (+ reference images) with a trained DSDM."""
@@ -40,7 +41,7 @@ def sample(
     cfg = _build(
         SampleConfig, load_section(preset, "sample"), "sample", None,
         sampler=sampler, steps=steps, guidance=guidance, num_samples=num_samples, seed=seed,
-        batch_size=batch_size, checkpoint=checkpoint,
+        batch_size=batch_size, checkpoint=checkpoint, autocast=autocast,
     )
     result = sample_to_folder(model, masks, out, cfg, references=references, split=split, device=device,
                               log=typer.echo)

@@ -31,6 +31,7 @@ from ..data.imageio import read_rgb, write_json_atomic, write_png_atomic
 from ..data.patch_dataset import to_tensor_image, to_uint8_image
 from ..data.prepare import DATASET_FORMAT, MANIFEST_COLUMNS, class_fractions, write_manifest
 from ..data.preview import colour_mask  # paper Fig. 5 colours
+from ..device import AUTOCAST_CHOICES, resolve_autocast
 from ..errors import UserInputError
 from ..models.embedding import embed_dataset
 from .dsdm_run import DSDMRun, load_dsdm
@@ -63,9 +64,12 @@ class SampleConfig:
     contact_rows: int = 8
     strip_rows: int = 4
     strip_fractions: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 0.9, 1.0)
+    autocast: str | None = None  # network precision: auto (bf16 where native) | bf16 | fp32 (None = fp32)
 
     def __post_init__(self) -> None:
         check_sampler(self.sampler)
+        if self.autocast not in (None, *AUTOCAST_CHOICES):
+            raise UserInputError(f"sample.autocast must be one of {', '.join(AUTOCAST_CHOICES)}, got {self.autocast!r}")
         self.strip_fractions = tuple(float(f) for f in self.strip_fractions)
         if self.steps is not None and int(self.steps) < 1:
             raise UserInputError(f"sampling steps must be >= 1, got {self.steps}")
@@ -136,13 +140,14 @@ def sample_to_folder(
     sample_ids = [sources[s].id if k == 1 else f"{sources[s].id}_s{j}" for s, j in jobs]
     if len(set(sample_ids)) != len(sample_ids):
         raise UserInputError("two masks share one id (file stem); rename them", masks)
+    precision = resolve_autocast(cfg.autocast, next(model.parameters()).device)
     default_steps = schedule.num_timesteps if cfg.sampler == "ddpm" else DDIM_DEFAULT_STEPS
     steps = cfg.steps if cfg.steps is not None else default_steps
     params = {
         "model": str(model_run.resolve()), "checkpoint": str(info.checkpoint.resolve()), "step": info.step,
         "sampler": cfg.sampler, "steps": steps, "guidance": cfg.guidance, "eta": cfg.eta, "seed": cfg.seed,
         "batch_size": cfg.batch_size, "num_samples": k, "use_ema": cfg.use_ema, "references": ref_mode,
-        "normalize_references": cfg.normalize_references,
+        "normalize_references": cfg.normalize_references, "precision": precision or "fp32",
     }
     payload = {**params, "masks": str(masks.resolve()), "split": split,
                "references_dir": str(references.resolve()) if references else None, "ids": sample_ids,
@@ -187,7 +192,7 @@ def sample_to_folder(
             res = generate_batch(
                 model, schedule, all_masks[sl].long(), refs_emb[sl] if refs_emb is not None else None, cfg.sampler,
                 steps, cfg.guidance, batch_generator(cfg.seed, b), cfg.eta,
-                return_intermediates=want_strip, fractions=cfg.strip_fractions,
+                return_intermediates=want_strip, fractions=cfg.strip_fractions, precision=precision,
             )
         if want_strip:
             res, snaps = res

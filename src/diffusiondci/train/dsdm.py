@@ -485,7 +485,7 @@ def _make_sample_fn(train_set: ReferencedPatches, schedule: DiffusionSchedule, c
         refs = torch.stack([it["ref"] for it in items])
         columns = [
             generate(model, schedule, masks, refs, sampler="ddim", steps=cfg.sample_steps, guidance=s,
-                     seed=cfg.seed, batch_size=k)
+                     seed=cfg.seed, batch_size=k, autocast=cfg.autocast)
             for s in cfg.sample_guidance
         ]
         rows = [
