@@ -417,7 +417,7 @@ def _params(name: str) -> dict:
 
 def test_help_shows_preset_defaults_flags_and_suffixes():
     seg, enc = _params("train-seg"), _params("train-encoder")
-    assert seg["steps"].show_default == "from preset: tiny 300; paper 200 epochs"
+    assert seg["steps"].show_default == "from preset: tiny 1000; paper 200 epochs"
     assert enc["steps"].show_default == "from preset: tiny 150; paper 20000"
     assert enc["lr"].show_default.startswith("from preset: tiny 0.001; paper")
     ctx = typer.main.get_command(app).make_context("train-seg", ["x", "--out", "y"], resilient_parsing=True)
@@ -425,7 +425,7 @@ def test_help_shows_preset_defaults_flags_and_suffixes():
     assert seg["steps"].display_type_rich(ctx) == "<int>"
     assert ".tiff" in _params("prepare")["masks"].help and ".tiff" in _params("sample")["masks"].help
     text = CliRunner().invoke(app, ["train-seg", "--help"], env={"TERMINAL_WIDTH": "240"}).output
-    assert "<bool>" not in text and "from preset: tiny 300" in text and "--resume" in text
+    assert "<bool>" not in text and "from preset: tiny 1000" in text and "--resume" in text
 
 
 def test_every_command_has_the_same_default_preset(monkeypatch, tmp_path):
