@@ -157,10 +157,14 @@ def main() -> None:
         mins = [r["minutes"] for r in rows]
         if "fd_encoder" in rows[0]:
             ax[0].plot(mins, [r["fd_encoder"] for r in rows], "o-")
+            if fd_real is not None:
+                ax[0].axhline(fd_real, ls="--", c="grey", label="real train vs real test")
+                ax[0].legend()
         ax[0].set(xlabel="training minutes", ylabel="FD (encoder features)", title="realism")
         ax[1].plot(mins, [r["ratio"] for r in rows], "o-")
         ax[1].axhline(0.8, ls="--", c="grey")
-        ax[1].set(xlabel="training minutes", ylabel="gen mIoU / real mIoU", title="semantic fidelity", ylim=(0, 1.1))
+        ax[1].set(xlabel="training minutes", ylabel="gen mIoU / real mIoU", title="semantic fidelity",
+                  ylim=(0, max([1.1] + [1.05 * r["ratio"] for r in rows if r["ratio"] is not None])))
         fig.tight_layout()
         fig.savefig(args.out / "convergence.png", dpi=100)
     print(f"\n{'step':>6} {'min':>6} {'FD':>8} {'KID':>8} {'gen mIoU':>9} {'real mIoU':>9} {'ratio':>6}")
