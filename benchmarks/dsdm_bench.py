@@ -43,12 +43,14 @@ VARIANTS = {  # Table 1 rows: (decoder_norm, use_reference)
 
 
 def _monai_spade_unet(flash: bool) -> torch.nn.Module:
-    """MONAI's ready-made SPADE diffusion U-Net at the tiny widths, reference via cross-attention."""
+    """MONAI's ready-made SPADE diffusion U-Net at the tiny preset's widths, reference via cross-attention."""
     from monai.networks.nets import SPADEDiffusionModelUNet
 
+    tiny = tiny_config()
     return SPADEDiffusionModelUNet(
-        spatial_dims=2, in_channels=3, out_channels=6, label_nc=3, channels=(32, 64, 64),
-        attention_levels=(False, False, True), num_res_blocks=1, norm_num_groups=16, num_head_channels=32,
+        spatial_dims=2, in_channels=3, out_channels=6, label_nc=3, channels=tiny.channels,
+        attention_levels=tiny.attention_levels, num_res_blocks=tiny.num_res_blocks,
+        norm_num_groups=tiny.norm_num_groups, num_head_channels=tiny.num_head_channels,
         with_conditioning=True, cross_attention_dim=512, use_flash_attention=flash,
     )
 
@@ -67,9 +69,11 @@ def _train_step_fn(name: str, batch: int):
         def forward() -> torch.Tensor:
             return model(x, t, seg=mask, context=ref[:, None])
     else:
+        native = resolve_autocast("auto", torch.device("cpu"))
         preset, precision = {"today (tiny_v1, fp32)": ("tiny_v1", None),
+                             "tiny_narrow, default precision": ("tiny_narrow", native),
                              "new tiny, fp32": ("tiny", None),
-                             "new tiny, default precision": ("tiny", resolve_autocast("auto", torch.device("cpu")))}[name]
+                             "new tiny, default precision": ("tiny", native)}[name]
         model = DSDMUNet(UNET_PRESETS[preset]())
 
         def forward() -> torch.Tensor:
@@ -89,6 +93,7 @@ def _train_step_fn(name: str, batch: int):
 
 
 THROUGHPUT_CONFIGS = ("today (tiny_v1, fp32)", "new tiny, fp32", "new tiny, default precision",
+                      "tiny_narrow, default precision",
                       "monai SPADEDiffusionModelUNet eager", "monai SPADEDiffusionModelUNet sdpa")
 
 

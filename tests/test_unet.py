@@ -362,3 +362,18 @@ def test_mcaa_levels_choose_where_the_reference_enters():
     for key in ("spade_mode", "spade_kernel_size", "mcaa_levels"):
         del old[key]
     assert UNetConfig.from_dict(old).spade_mode == "per_block" and UNetConfig.from_dict(old).mcaa_levels is None
+
+
+def test_tiny_narrow_preset_halves_the_finer_levels():
+    from diffusiondci.models.unet import UNET_PRESETS, tiny_narrow_config
+
+    narrow, tiny = tiny_narrow_config(), tiny_config()
+    assert UNET_PRESETS["tiny_narrow"] is tiny_narrow_config
+    assert narrow.channels == (16, 32, 64) and tiny.channels == (32, 64, 64)
+    # the same structure otherwise: only the widths (and the groups / heads they need) differ
+    same = ("spade_mode", "spade_kernel_size", "mcaa_levels", "attention_levels", "num_res_blocks", "ref_tokens")
+    assert all(getattr(narrow, f) == getattr(tiny, f) for f in same)
+    small, big = DSDMUNet(narrow), DSDMUNet(tiny)
+    assert sum(p.numel() for p in small.parameters()) < 0.75 * sum(p.numel() for p in big.parameters())
+    x, t, _, mask, ref = _inputs()
+    assert small(x, t, mask, ref).shape == big(x, t, mask, ref).shape

@@ -71,6 +71,7 @@ from diffusiondci.models.unet_config import (
     UNetConfig,
     paper_config,
     tiny_config,
+    tiny_narrow_config,
     tiny_v1_config,
 )
 
@@ -85,6 +86,7 @@ __all__ = [
     "UNetConfig",
     "paper_config",
     "tiny_config",
+    "tiny_narrow_config",
     "tiny_v1_config",
 ]
 

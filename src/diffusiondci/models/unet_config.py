@@ -1,7 +1,8 @@
 """Configuration of the DSDM U-Net: :class:`UNetConfig` (JSON-safe, validated) and the named presets.
 
-``tiny`` (64 px, CPU), ``tiny_v1`` (the tiny network before the speed work) and ``paper`` (256 px,
-SDM's layout at a narrower width); :data:`UNET_PRESETS` maps the names used in config files
+``tiny`` (64 px, CPU), ``tiny_narrow`` (the same at half the width of its two finer levels),
+``tiny_v1`` (the tiny network before the speed work) and ``paper`` (256 px, SDM's layout at a
+narrower width); :data:`UNET_PRESETS` maps the names used in config files
 (``dsdm.unet``) to them. The network itself is :class:`diffusiondci.models.unet.DSDMUNet`.
 """
 
@@ -23,6 +24,7 @@ __all__ = [
     "UNetConfig",
     "paper_config",
     "tiny_config",
+    "tiny_narrow_config",
     "tiny_v1_config",
 ]
 
@@ -163,6 +165,15 @@ def tiny_config(**overrides: Any) -> UNetConfig:
                              **overrides})
 
 
+def tiny_narrow_config(**overrides: Any) -> UNetConfig:
+    """:func:`tiny_config` with its two finer levels half as wide: widths (16, 32, 64), GroupNorm of 8
+    groups, 16 channels per attention head; about 1.6 M parameters, most of them in MCAA's token
+    projection. About 1.5x the training throughput of ``tiny`` and, on GlaS validation masks, samples
+    segmented as well; but a segmenter initialised from it (same widths) validates lower, so it is
+    not the default."""
+    return tiny_config(**{"channels": (16, 32, 64), "norm_num_groups": 8, "num_head_channels": 16, **overrides})
+
+
 def tiny_v1_config(**overrides: Any) -> UNetConfig:
     """The tiny network before the speed work: SDM-style SPADE in every norm (3x3 convolutions) and
     MCAA after every decoder block; about 3.1 M parameters (1.1 M for the unconditional baseline).
@@ -209,6 +220,7 @@ def paper_config(**overrides: Any) -> UNetConfig:
 #: Network presets by name (``dsdm.unet`` in a config file).
 UNET_PRESETS: dict[str, Callable[..., UNetConfig]] = {
     "tiny": tiny_config,
+    "tiny_narrow": tiny_narrow_config,
     "tiny_v1": tiny_v1_config,
     "paper": paper_config,
 }
