@@ -2,6 +2,8 @@
 
 In this order, each part only when the folder holds its material:
 
+0. for a demo's output folder, the table the demo ends with and its findings in words
+   (:mod:`.report_demo`);
 1. for each comparison (:mod:`.report_comparison`): one sentence naming the best model, its score
    with the spread over seeds and its paired gain over the plain U-Net; then the table method x
    Dice / mIoU (mean ± std over seeds, gain over the plain U-Net), best row highlighted, and the
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from .report_comparison import Comparison, Row, Stat, best_row, comparisons, seg_method_label
 from .report_curves import compared_curves_png, curve_png
+from .report_demo import demo_html
 from .report_files import Found, Unreadable, read_csv, read_json
 from .report_html import Builder, esc, fmt
 from .report_slides import slides_html
@@ -164,7 +167,8 @@ def _single_curve(b: Builder, found: Found) -> str:
 def summary_section(b: Builder, found: Found) -> str:
     """The summary's HTML ("" when the folder holds nothing to summarise)."""
     comps = comparisons(b, found)
-    parts = [_comparison_html(b, c) for c in comps]
+    demo = demo_html(b)
+    parts = ([demo] if demo else []) + [_comparison_html(b, c) for c in comps]
     slides = slides_html(b, found)
     if slides:
         parts.append("<h3>Test slides: prediction next to the truth</h3>" + slides)
