@@ -167,7 +167,7 @@ def tiny_config(**overrides: Any) -> UNetConfig:
 
 def tiny_narrow_config(**overrides: Any) -> UNetConfig:
     """:func:`tiny_config` with its two finer levels half as wide: widths (16, 32, 64), GroupNorm of 8
-    groups, 16 channels per attention head; about 1.6 M parameters, most of them in MCAA's token
+    groups, 16 channels per attention head; about 1.6 M parameters, half of them in MCAA's token
     projection. About 1.5x the training throughput of ``tiny`` and, on GlaS validation masks, samples
     segmented as well; but a segmenter initialised from it (same widths) validates lower, so it is
     not the default."""
