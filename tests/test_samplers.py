@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffusiondci.diffusion.guidance import cfg_model_fn, drop_conditions
-from diffusiondci.diffusion.samplers import ddim_sample, ddpm_sample
+from diffusiondci.diffusion.samplers import ddim_sample, ddpm_sample, dpmpp_sample
 from diffusiondci.diffusion.schedule import DiffusionSchedule, evenly_spaced_timesteps
 
 X0_VALUE = 0.3
@@ -93,6 +93,40 @@ def test_ddim_with_gaussian_oracle_approximates_data_distribution():
     assert abs(float(x.mean()) - mu) < 0.01
     assert abs(float(x.std()) - s) < 0.01  # DDIM's discretisation error shrinks the std slightly
 
+
+
+def test_dpmpp_with_oracle_recovers_x0_in_few_evaluations():
+    sched = DiffusionSchedule(1000)
+    calls: list[torch.Tensor] = []
+    out = dpmpp_sample(_point_oracle(sched, calls), sched, (2, 3, 4, 4), torch.Generator().manual_seed(0), steps=10)
+    torch.testing.assert_close(out, torch.full_like(out, X0_VALUE), rtol=0, atol=1e-4)
+    seen = [int(t[0]) for t in calls]
+    assert len(seen) == 10 and seen[0] == 999 and seen == sorted(seen, reverse=True)
+
+
+def test_dpmpp_second_order_beats_ddim_at_equal_evaluations():
+    """On Gaussian data (exact ε), 25 DPM-Solver++(2M) evaluations land nearer the data law than
+    25 DDIM ones (measured: std 0.188 vs 0.174 for a true 0.2), and close to it."""
+    mu, s, steps = 0.1, 0.2, 25
+    sched = DiffusionSchedule(1000)
+    oracle = _gaussian_oracle(sched, sched.respace(evenly_spaced_timesteps(1000, steps)), mu, s)
+    noise = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(0)
+    fast = dpmpp_sample(oracle, sched, noise.shape, gen, steps=steps, clip_denoised=False, noise=noise)
+    ddim = ddim_sample(oracle, sched, noise.shape, gen, steps=steps, clip_denoised=False, noise=noise)
+    err_fast, err_ddim = abs(float(fast.std()) - s), abs(float(ddim.std()) - s)
+    assert abs(float(fast.mean()) - mu) < 0.01
+    assert err_fast < 0.015 and err_fast < 0.6 * err_ddim
+
+
+def test_dpmpp_is_deterministic_and_needs_the_full_schedule():
+    sched = DiffusionSchedule(200)
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    a = dpmpp_sample(_toy_model, sched, noise.shape, torch.Generator().manual_seed(1), steps=6, noise=noise)
+    b = dpmpp_sample(_toy_model, sched, noise.shape, torch.Generator().manual_seed(2), steps=6, noise=noise)
+    assert torch.equal(a, b) and float(a.abs().max()) <= 1.0  # the last step lands on the clipped x̂_0
+    with pytest.raises(ValueError, match="full training schedule"):
+        dpmpp_sample(_toy_model, sched.respace([0, 50, 199]), noise.shape, torch.Generator(), steps=3)
 
 def _toy_model(x, t):
     """Deterministic stand-in network: ε = 0.5·x + t/1000, v = tanh(x)."""

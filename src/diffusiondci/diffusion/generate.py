@@ -1,6 +1,6 @@
 """Generating images with a DSDM: classifier-free guided DDPM / DDIM sampling, seeded batch by batch.
 
-:func:`generate` runs DDPM or DDIM (:mod:`.samplers`) with classifier-free guidance (eq. 17,
+:func:`generate` runs DDPM, DDIM or DPM-Solver++ (:mod:`.samplers`) with classifier-free guidance (eq. 17,
 :func:`.guidance.cfg_model_fn`, s = 3 by default) on label masks and reference embeddings. Batch
 ``b`` (of ``batch_size`` samples, in input order) draws all its noise from a CPU
 ``torch.Generator`` seeded with ``derive(seed, b)``: the same seed and batch size give the same
@@ -21,13 +21,13 @@ from ..models.conditions import mask_one_hot
 from ..models.unet import DSDMUNet
 from ..runs.seeds import derive_seed
 from .guidance import PAPER_GUIDANCE_SCALE, cfg_model_fn
-from .samplers import DEFAULT_FRACTIONS, ModelFn, ddim_sample, ddpm_sample
+from .samplers import DEFAULT_FRACTIONS, ModelFn, ddim_sample, ddpm_sample, dpmpp_sample
 from .schedule import DiffusionSchedule
 
 __all__ = ["DDIM_DEFAULT_STEPS", "SAMPLERS", "batch_generator", "check_sampler", "generate", "generate_batch",
            "guided_model_fn", "in_precision"]
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", "dpmpp")
 DDIM_DEFAULT_STEPS = 50
 
 
@@ -109,6 +109,8 @@ def generate_batch(
     )
     if sampler == "ddpm":
         return ddpm_sample(fn, schedule, shape, generator, steps=steps, **kw)
+    if sampler == "dpmpp":
+        return dpmpp_sample(fn, schedule, shape, generator, steps=steps or DDIM_DEFAULT_STEPS, **kw)
     return ddim_sample(fn, schedule, shape, generator, steps=steps or DDIM_DEFAULT_STEPS, eta=eta, **kw)
 
 
@@ -139,8 +141,9 @@ def generate(
     Args:
         masks: ``(N, H, W)`` integer labels at the model's patch size.
         refs: ``(N, D)`` reference embeddings (None: the NULL reference).
-        sampler: ``"ddpm"`` (ancestral, learned variance) or ``"ddim"`` (eta = ``eta``).
-        steps: sampling steps; None = all T for DDPM, 50 for DDIM (respaced otherwise).
+        sampler: ``"ddpm"`` (ancestral, learned variance), ``"ddim"`` (eta = ``eta``) or ``"dpmpp"``
+            (DPM-Solver++(2M)).
+        steps: sampling steps; None = all T for DDPM, 50 for DDIM and DPM-Solver++ (respaced otherwise).
         guidance: s of eq. 17 (0 = the conditional prediction alone).
         seed: batch ``b`` uses a CPU generator seeded from ``(seed, b)``.
         progress: passed to the sampler of each batch (True = tqdm bar, or ``fn(step, total)``).

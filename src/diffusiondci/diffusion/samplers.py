@@ -18,19 +18,21 @@ Common keyword arguments:
 Each returns the sample (N, C, H, W), or ``(sample, snapshots)`` with ``return_intermediates``,
 snapshots being CPU tensors in the order of ``intermediate_fractions``.
 
-DPM-Solver++(2M) is not provided: MONAI 1.6 has no implementation and diffusers is not a
-dependency; DDIM covers the few-step use.
+:func:`dpmpp_sample` is DPM-Solver++(2M) (Lu et al. 2022) from diffusers'
+``DPMSolverMultistepScheduler``, given this schedule's betas; the learned-variance channels are
+not used by it (nor by DDIM).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
 from diffusiondci.diffusion.schedule import DiffusionSchedule, evenly_spaced_timesteps, extract
 
-__all__ = ["ddim_sample", "ddpm_sample", "ModelFn"]
+__all__ = ["ddim_sample", "ddpm_sample", "dpmpp_sample", "ModelFn"]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ProgressFn = Callable[[int, int], None]
@@ -171,4 +173,52 @@ def ddim_sample(
         if i > 0 and eta > 0:
             x = x + sigma * _randn(x.shape, generator, device, dtype)
         loop.step(k, x, pred_x0)
+    return loop.finish(x)
+
+
+@torch.no_grad()
+def dpmpp_sample(
+    model_fn: ModelFn,
+    schedule: DiffusionSchedule,
+    shape: Sequence[int],
+    generator: torch.Generator,
+    steps: int = 25,
+    clip_denoised: bool = True,
+    noise: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    progress: bool | ProgressFn = False,
+    return_intermediates: bool = False,
+    intermediate_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    intermediate_kind: str = "pred_x0",
+):
+    """DPM-Solver++(2M), deterministic, in ``steps`` network evaluations (diffusers'
+    ``DPMSolverMultistepScheduler`` on this schedule's betas, timesteps spread evenly from T-1 down,
+    first order at the last step). ``clip_denoised`` clamps its x̂_0 to [−1, 1] (diffusers'
+    thresholding with a maximum of 1). ``schedule`` must be the full training schedule, not a
+    respaced one."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not torch.equal(schedule.timestep_map, torch.arange(schedule.num_timesteps)):
+        raise ValueError("dpmpp_sample needs the full training schedule, not a respaced one")
+    device = torch.device(device) if device is not None else generator.device
+    with warnings.catch_warnings():  # diffusers 0.42 calls np.array on a tensor (a NumPy 2 deprecation)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        solver = DPMSolverMultistepScheduler(
+            num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.double().cpu().numpy(),
+            solver_order=2, algorithm_type="dpmsolver++", prediction_type="epsilon", thresholding=clip_denoised,
+            sample_max_value=1.0, lower_order_final=True,
+        )
+        solver.set_timesteps(steps, device=device)
+    x = noise.to(device=device, dtype=dtype) if noise is not None else _randn(shape, generator, device, dtype)
+    n, channels = x.shape[0], x.shape[1]
+    loop = _Loop(len(solver.timesteps), progress, return_intermediates, intermediate_fractions, intermediate_kind)
+    for k, step_t in enumerate(solver.timesteps):
+        t = torch.full((n,), int(step_t), device=device, dtype=torch.long)
+        eps = model_fn(x, t)[:, :channels]
+        pred_x0 = schedule.predict_x0_from_eps(x, t, eps)
+        x = solver.step(eps, step_t, x).prev_sample.to(dtype)
+        loop.step(k, x, pred_x0.clamp(-1.0, 1.0) if clip_denoised else pred_x0)
     return loop.finish(x)
