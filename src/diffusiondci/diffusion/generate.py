@@ -1,4 +1,4 @@
-"""Generating images with a DSDM: classifier-free guided DDPM / DDIM sampling, seeded batch by batch.
+"""Generating images with a DSDM: classifier-free guided DDPM / DDIM / DPM-Solver++ sampling, seeded batch by batch.
 
 :func:`generate` runs DDPM, DDIM or DPM-Solver++ (:mod:`.samplers`) with classifier-free guidance (eq. 17,
 :func:`.guidance.cfg_model_fn`, s = 3 by default) on label masks and reference embeddings. Batch
