@@ -44,6 +44,17 @@ def _randn(shape: Sequence[int], generator: torch.Generator, device: torch.devic
     return torch.randn(tuple(shape), generator=generator, device=generator.device, dtype=dtype).to(device)
 
 
+def _start(
+    noise: torch.Tensor | None, shape: Sequence[int], generator: torch.Generator,
+    device: torch.device | str | None, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.device]:
+    """x_T (``noise``, else N(0, I) from ``generator``) and the device the sampler runs on
+    (default: the generator's)."""
+    dev = torch.device(device) if device is not None else generator.device
+    x = noise.to(device=dev, dtype=dtype) if noise is not None else _randn(shape, generator, dev, dtype)
+    return x, dev
+
+
 def _snapshot_steps(total: int, fractions: Sequence[float]) -> list[int]:
     if any(not 0.0 <= f <= 1.0 for f in fractions):
         raise ValueError(f"intermediate_fractions must lie in [0, 1], got {list(fractions)}")
@@ -113,8 +124,7 @@ def ddpm_sample(
     (0 and T−1 included), calling the network with the original timestep indices.
     """
     sched = _prepare(schedule, steps)
-    device = torch.device(device) if device is not None else generator.device
-    x = noise.to(device=device, dtype=dtype) if noise is not None else _randn(shape, generator, device, dtype)
+    x, device = _start(noise, shape, generator, device, dtype)
     n, total = x.shape[0], sched.num_timesteps
     tmap = sched.timestep_map.to(device)
     loop = _Loop(total, progress, return_intermediates, intermediate_fractions, intermediate_kind)
@@ -154,8 +164,7 @@ def ddim_sample(
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     sched = _prepare(schedule, steps)
-    device = torch.device(device) if device is not None else generator.device
-    x = noise.to(device=device, dtype=dtype) if noise is not None else _randn(shape, generator, device, dtype)
+    x, device = _start(noise, shape, generator, device, dtype)
     n, total, channels = x.shape[0], sched.num_timesteps, x.shape[1]
     tmap = sched.timestep_map.to(device)
     loop = _Loop(total, progress, return_intermediates, intermediate_fractions, intermediate_kind)
@@ -203,7 +212,7 @@ def dpmpp_sample(
         raise ValueError(f"steps must be >= 1, got {steps}")
     if not torch.equal(schedule.timestep_map, torch.arange(schedule.num_timesteps)):
         raise ValueError("dpmpp_sample needs the full training schedule, not a respaced one")
-    device = torch.device(device) if device is not None else generator.device
+    x, device = _start(noise, shape, generator, device, dtype)
     with warnings.catch_warnings():  # diffusers 0.42 calls np.array on a tensor (a NumPy 2 deprecation)
         warnings.simplefilter("ignore", DeprecationWarning)
         solver = DPMSolverMultistepScheduler(
@@ -212,7 +221,6 @@ def dpmpp_sample(
             sample_max_value=1.0, lower_order_final=True,
         )
         solver.set_timesteps(steps, device=device)
-    x = noise.to(device=device, dtype=dtype) if noise is not None else _randn(shape, generator, device, dtype)
     n, channels = x.shape[0], x.shape[1]
     loop = _Loop(len(solver.timesteps), progress, return_intermediates, intermediate_fractions, intermediate_kind)
     for k, step_t in enumerate(solver.timesteps):
