@@ -54,8 +54,11 @@ def make_unet() -> UNet:
 
 
 def train_one(data: Path, labelled: int | None, seed: int, steps: int | None, seconds: float | None,
-              val_every: int, batch_size: int, lr: float, return_net: bool = False) -> dict | tuple[dict, UNet]:
-    """One run; its scores (and, with ``return_net``, the trained network with the best validation Dice)."""
+              val_every: int, batch_size: int, lr: float, return_net: bool = False,
+              tta: str = "none") -> dict | tuple[dict, UNet]:
+    """One run; its scores (and, with ``return_net``, the trained network with the best validation Dice).
+    With ``tta`` other than ``none`` the test split is also scored under that test-time augmentation
+    (``record["tta"]``), as DiffusionDCI's segmenters are by default."""
     torch.manual_seed(seed)
     cfg = build(SegConfig, load_section("tiny", "seg"), seed=seed)
     real = PatchDataset(data, splits=("train",), with_masks=True, labelled_only=True)
@@ -95,6 +98,10 @@ def train_one(data: Path, labelled: int | None, seed: int, steps: int | None, se
               "mean_dice": scores["mean_dice"], "mean_iou": scores["mean_iou"], "accuracy": scores["accuracy"],
               "dataset_dice": scores["dataset"]["mean_dice"], "dataset_iou": scores["dataset"]["mean_iou"],
               "dice_per_class": scores["dice_per_class"]}
+    if tta != "none":
+        with_tta = predict_dataset(net, test, tta=tta).compute()
+        record["tta"] = {"mode": tta, "mean_dice": with_tta["mean_dice"], "dataset_dice": with_tta["dataset"]["mean_dice"],
+                         "dice_per_class": with_tta["dice_per_class"]}
     return (record, net.eval()) if return_net else record
 
 
@@ -128,6 +135,8 @@ def main() -> None:
     ap.add_argument("--val-every", type=int, default=50)
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--tta", default="none", choices=["none", "flip", "dihedral"],
+                    help="also score the test split under this test-time augmentation (record key 'tta')")
     ap.add_argument("--out", type=Path, default=Path("bench_output/monai_unet.json"))
     args = ap.parse_args()
     limits = ([("steps", args.steps)] if args.steps else []) + ([("seconds", args.seconds)] if args.seconds else [])
@@ -138,7 +147,8 @@ def main() -> None:
         for n in [int(v) for v in args.labelled.split(",")]:
             for seed in [int(v) for v in args.seeds.split(",")]:
                 r = train_one(args.data, n or None, seed, value if kind == "steps" else None,
-                              value if kind == "seconds" else None, args.val_every, args.batch_size, args.lr)
+                              value if kind == "seconds" else None, args.val_every, args.batch_size, args.lr,
+                              tta=args.tta)
                 r["limit"] = f"{kind}={value:g}"
                 runs.append(r)
                 print(json.dumps(r))

@@ -51,6 +51,9 @@ def test_cached_features_equal_recomputed_ones(shared, tmp_path):
     warm = warm_cache.features(views)
     assert warm_cache.stats["hits"] == 5
     off = FeatureCache(fx, None, max_bytes=1, chunk=3).features(views)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):  # a bf16 segmenter's step: still fp32 features
+        under_bf16 = FeatureCache(fx, None, max_bytes=1, chunk=3).features(views)
+    assert all(torch.equal(cold[b], under_bf16[b]) for b in fx.blocks)
     shuffled = FeatureCache(fx, None, max_bytes=1, chunk=3).features(views.flip(0))
     for b in fx.blocks:
         assert cold[b].dtype == torch.float32 and cold[b].shape[0] == 5

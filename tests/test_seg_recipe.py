@@ -22,7 +22,7 @@ from diffusiondci.models.segmenter import LocalCAAInjection, Segmenter, sincos_2
 from diffusiondci.models.unet import tiny_config
 from diffusiondci.models.segmenter import segmenter_unet_config
 from diffusiondci.train.lr_schedule import LRFactor
-from diffusiondci.train.seg_augment import apply_dihedral, augment_views, draw_dihedral, make_loss
+from diffusiondci.train.seg_augment import apply_dihedral, augment_views, class_weights, draw_dihedral, make_loss
 from diffusiondci.train.segmentation import train_seg
 from tests.test_dsdm import build_inputs
 from tests.test_segmentation import seg_cfg
@@ -49,6 +49,27 @@ def test_dice_ce_on_a_closed_form_case():
     assert make_loss("dice_ce")(confident, torch.tensor([[[0, 0], [1, 2]]])).item() < 1e-4
     with pytest.raises(UserInputError):
         make_loss("focal")
+
+
+def test_balanced_class_weights_and_weighted_losses_closed_form():
+    """Median-frequency weights: pixel counts 5 / 1 / 2 -> shares 5/8, 1/8, 2/8, median 2/8 ->
+    weights 0.4, 2, 1; an absent class weighs 1. Weighted CE of two pixels, (label 0, p = 1/2) and
+    (label 1, p = 1/3), with weights (1, 3, 1) = (ln 2 + 3 ln 3) / 4."""
+    masks = [torch.tensor([[0, 0, 0], [1, 2, 2]]), torch.tensor([[0, 0]])]
+    assert class_weights("balanced", masks, 3).tolist() == pytest.approx([0.4, 2.0, 1.0])
+    assert class_weights("balanced", [torch.tensor([0, 0, 0, 1])], 3).tolist() == pytest.approx([2 / 3, 2.0, 1.0])
+    assert class_weights("none", masks, 3) is None
+    with pytest.raises(UserInputError, match="class_weights"):
+        class_weights("inverse", masks, 3)
+    logits = torch.tensor([[[[math.log(2), 0.0]], [[0.0, 0.0]], [[0.0, 0.0]]]])  # (1, 3, 1, 2)
+    labels = torch.tensor([[[0, 1]]])
+    w = torch.tensor([1.0, 3.0, 1.0])
+    expected = (math.log(2) + 3 * math.log(3)) / 4
+    assert make_loss("ce", w)(logits, labels).item() == pytest.approx(expected, abs=1e-6)
+    assert make_loss("ce")(logits, labels).item() == pytest.approx((math.log(2) + math.log(3)) / 2, abs=1e-6)
+    plain = make_loss("dice_ce")(logits, labels).item()
+    assert make_loss("dice_ce", torch.ones(3))(logits, labels).item() == pytest.approx(plain, abs=1e-6)
+    assert make_loss("dice_ce", w)(logits, labels).item() != pytest.approx(plain, abs=1e-3)
 
 
 def test_augmentation_keeps_image_mask_and_features_aligned():
@@ -159,3 +180,34 @@ def test_no_validation_split_trains_keeps_the_last_checkpoint_and_segments(input
     res = runner.invoke(app, ["evaluate-seg", "--pred", str(pred), "--truth", str(only), "--out", str(tmp_path / "ev")])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["num_images"] == 1
+
+
+def test_autocast_bf16_where_native_else_fp32(inputs, tmp_path, monkeypatch):
+    """``seg.autocast: auto`` trains in bf16 autocast where the hardware has native bf16 and falls back
+    to fp32 where it does not; ``fp32`` always trains in fp32. The run records what it used (and the
+    class weights of ``class_weights: balanced``)."""
+    import diffusiondci.device as device_mod
+    from diffusiondci.train.seg_config import SegConfig
+
+    def precision(run: Path) -> str:
+        return json.loads((run / "segmenter.json").read_text())["training"]["precision"]
+
+    def train(name: str, **kw) -> Path:
+        cfg = seg_cfg(injection="none", init="scratch", steps=2, val_every=2, ckpt_every=2, **kw)
+        return train_seg(inputs["data"], tmp_path / name, cfg, progress=False, evaluate_test=False)
+
+    monkeypatch.setattr(device_mod, "native_bf16", lambda dev: True)
+    bf16 = train("bf16", autocast="auto", class_weights="balanced")
+    assert precision(bf16) == "bf16"
+    weights = json.loads((bf16 / "segmenter.json").read_text())["training"]["class_weights"]
+    assert len(weights) == 3 and all(w > 0 for w in weights) and weights != [1.0, 1.0, 1.0]
+    assert precision(train("fp32", autocast="fp32")) == "fp32"
+    monkeypatch.setattr(device_mod, "native_bf16", lambda dev: False)
+    assert precision(train("fallback", autocast="auto")) == "fp32"
+    with open(bf16 / "log.csv") as fh:
+        losses = [float(r["loss"]) for r in csv.DictReader(fh) if r.get("loss")]
+    assert losses and all(math.isfinite(v) for v in losses)
+    with pytest.raises(UserInputError, match="seg.autocast"):
+        SegConfig(autocast="fp16")
+    res = CliRunner().invoke(app, ["train-seg", "--help"])
+    assert "--autocast" in res.output

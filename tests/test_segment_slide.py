@@ -289,17 +289,17 @@ def test_cli_segment(tmp_path, monkeypatch):
     path = _write(tmp_path / "s.png", _blocks(100, 120))
     loaded = {}
 
-    def load_segmenter(run_dir, checkpoint="best", device=None):
-        loaded.update(run_dir=run_dir, checkpoint=checkpoint, device=device)
+    def load_segmenter(run_dir, checkpoint="best", device=None, tta=None):
+        loaded.update(run_dir=run_dir, checkpoint=checkpoint, device=device, tta=tta)
         return FakeRun(roi_size=64)
 
     monkeypatch.setitem(sys.modules, "diffusiondci.segmentation.run",
                         types.SimpleNamespace(load_segmenter=load_segmenter))
     result = CliRunner().invoke(app, ["segment", str(path), "--model", str(tmp_path / "run"),
                                       "--out", str(tmp_path / "out"), "--overlap", "0.5",
-                                      "--label-downsample", "2", "--checkpoint", "latest"])
+                                      "--label-downsample", "2", "--checkpoint", "latest", "--tta", "flip"])
     assert result.exit_code == 0, result.output
-    assert loaded["checkpoint"] == "latest"
+    assert loaded["checkpoint"] == "latest" and loaded["tta"] == "flip"
     assert read_mask(tmp_path / "out" / "s_labels.png").shape == (50, 60)
     settings = json.loads((tmp_path / "out" / "s_areas.json").read_text())["settings"]
     assert settings["overlap"] == 0.5

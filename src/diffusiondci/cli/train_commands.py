@@ -72,6 +72,7 @@ def train_dsdm_cmd(
     guidance_drop: Annotated[Optional[float], typer.Option("--guidance-drop", help="Classifier-free guidance: probability of each dropout case (mask only, reference only, both).", show_default=_from_preset("dsdm", "p_drop_mask", "p_drop_ref", "p_drop_both"))] = None,
     sample_every: Annotated[Optional[int], typer.Option(help="Write DDIM samples every N steps (0 = off).", show_default=_from_preset("dsdm", "sample_every"))] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.", show_default=_from_preset("dsdm", "seed"))] = None,
+    autocast: Annotated[Optional[str], typer.Option(help="Training precision: auto (bf16 autocast where the CPU/GPU computes bf16 natively, else fp32) | bf16 | fp32.", show_default=_from_preset("dsdm", "autocast", none="fp32"))] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (an error if there is none).")] = False,
     no_unlabelled: Annotated[bool, typer.Option("--no-unlabelled", help="Train on labelled patches only (default: unlabelled ones too, with the NULL mask).")] = False,
@@ -87,7 +88,7 @@ def train_dsdm_cmd(
         DSDMConfig, load_section(preset, "dsdm"), "dsdm",
         {"decoder_norm": "--no-mask", "use_reference": "--no-reference", "p_drop_mask": "--guidance-drop",
          "p_drop_ref": "--guidance-drop", "p_drop_both": "--guidance-drop", "use_unlabelled": "--no-unlabelled"},
-        steps=steps, batch_size=batch_size, lr=lr, sample_every=sample_every, seed=seed,
+        steps=steps, batch_size=batch_size, lr=lr, sample_every=sample_every, seed=seed, autocast=autocast,
         decoder_norm="group" if no_mask else None, use_reference=False if no_reference else None,
         p_drop_mask=guidance_drop, p_drop_ref=guidance_drop, p_drop_both=guidance_drop,
         use_unlabelled=False if no_unlabelled else None,
@@ -119,6 +120,8 @@ def train_seg_cmd(
     seed: Annotated[Optional[int], typer.Option(help="Random seed.", show_default=_from_preset("seg", "seed"))] = None,
     caa_window: Annotated[Optional[int], typer.Option(help="CAA: w (odd) = local attention over the w x w DSDM positions around each pixel; 0 = global CAA over pooled features.", show_default=_from_preset("seg", "caa_window"))] = None,
     feature_cache: Annotated[Optional[str], typer.Option(help="Frozen-DSDM feature cache: a folder | dsdm (<--dsdm run>/feature_cache) | off.", show_default=_from_preset("seg", "feature_cache"))] = None,
+    autocast: Annotated[Optional[str], typer.Option(help="Training precision: auto (bf16 autocast where the CPU/GPU computes bf16 natively, else fp32) | bf16 | fp32.", show_default=_from_preset("seg", "autocast", none="fp32"))] = None,
+    tta: Annotated[Optional[str], typer.Option(help="Test-time augmentation of the test scoring, kept as `segment`'s default: none | flip | dihedral (8 views).", show_default=_from_preset("seg", "tta"))] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run in --out (an error if there is none).")] = False,
 ) -> None:
@@ -134,7 +137,7 @@ def train_seg_cmd(
         injection=injection, init=init, batch_size=batch_size, lr=lr, blocks=_ints(blocks),
         timesteps=_ints(timesteps), synthetic_ratio=synthetic_ratio, filter_threshold=filter_threshold,
         labelled=labelled, label_seed=label_seed, label_unit=label_unit, seed=seed, caa_window=caa_window,
-        feature_cache=feature_cache,
+        feature_cache=feature_cache, autocast=autocast, tta=tta,
     )
     if steps is not None:
         overrides["steps"] = steps

@@ -118,6 +118,7 @@ def segment(
     device: Annotated[Optional[str], typer.Option(help="cuda | cuda:N | cpu (default: cuda if available).")] = None,
     max_pixels: Annotated[Optional[int], typer.Option(help="Refuse images with more pixels (decompression bombs).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo slides already segmented in --out with the same model and settings (default: skip them).")] = False,
+    tta: Annotated[Optional[str], typer.Option(help="Test-time augmentation: none | flip (2 views) | dihedral (8 flips / quarter turns, 8x the time). Default: the run's own (train-seg --tta).")] = None,
 ) -> None:
     """Segment whole slides with a trained segmenter (sliding window, colour-normalised like its training data)."""
     from ..data.slides import DEFAULT_MAX_PIXELS
@@ -125,7 +126,7 @@ def segment(
     from ..segmentation.run import load_segmenter
 
     find_images(inputs)  # fail on a bad input before loading the model
-    run = load_segmenter(model, checkpoint=checkpoint, device=device)
+    run = load_segmenter(model, checkpoint=checkpoint, device=device, tta=tta)
     segment_paths(run, inputs, out, log=typer.echo, overwrite=overwrite, window=window, overlap=overlap, batch_size=batch_size,
                   color_norm=not no_color_norm, label_downsample=label_downsample,
                   max_pixels=max_pixels or DEFAULT_MAX_PIXELS)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["AUGMENTATIONS", "dihedral", "random_dihedral"]
+__all__ = ["AUGMENTATIONS", "dihedral", "inverse_dihedral", "random_dihedral"]
 
 #: ``augment`` options: no augmentation, horizontal flips, or the full dihedral group.
 AUGMENTATIONS = ("none", "hflip", "dihedral")
@@ -25,6 +25,15 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
         raise ValueError(f"dihedral transform index must be in 0..7, got {k}")
     out = torch.rot90(x, k % 4, dims=(-2, -1)) if k % 4 else x
     return torch.flip(out, dims=(-1,)) if k >= 4 else out
+
+
+def inverse_dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Undo :func:`dihedral` ``k``: ``inverse_dihedral(dihedral(x, k), k) == x`` (used to map
+    test-time-augmented predictions back onto the image)."""
+    if not 0 <= k < 8:
+        raise ValueError(f"dihedral transform index must be in 0..7, got {k}")
+    out = torch.flip(x, dims=(-1,)) if k >= 4 else x
+    return torch.rot90(out, -(k % 4), dims=(-2, -1)) if k % 4 else out
 
 
 def random_dihedral(

@@ -388,7 +388,7 @@ def _request(run: Segmenter, window: int, overlap: float, color_norm: bool, labe
         "model_run": str(Path(run.run_dir).resolve()) if getattr(run, "run_dir", None) else None,
         "checkpoint": str(run.checkpoint) if getattr(run, "checkpoint", None) else None,
         "window": int(window), "overlap": float(overlap), "color_norm": bool(color_norm),
-        "label_downsample": int(label_downsample),
+        "label_downsample": int(label_downsample), "tta": str(getattr(run, "tta", "none")),
     }
 
 

@@ -150,8 +150,15 @@ class DiffusionFeatureExtractor(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``{block: (N, C, h, w)}`` features of ``images``, always computed in fp32 (a caller's bf16
+        autocast is switched off here), so cached features equal recomputed ones whatever the
+        segmenter's precision."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W), got {tuple(images.shape)}")
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return self._features(images)
+
+    def _features(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         ref = self.reference(images)
         n = images.shape[0]
         per_t: list[dict[int, torch.Tensor]] = []

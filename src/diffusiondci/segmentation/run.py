@@ -19,6 +19,7 @@ from ..runs.checkpoint import find_checkpoint
 from ..runs.record import read_run_record
 from ..runs.weights import load_weights_safetensors
 from .model import SEG_FORMAT, SEG_META, SegmentationModel, build_from_record
+from .tta import predict_with_tta, tta_views
 
 __all__ = ["SegmenterRun", "load_model_weights", "load_record", "load_segmenter"]
 
@@ -30,6 +31,9 @@ class SegmenterRun:
     record: dict[str, Any]
     checkpoint: Path
     device: torch.device
+    #: test-time augmentation of :meth:`predict` (``none`` | ``flip`` | ``dihedral``); None: the run's
+    #: own (``segmenter.json`` ``tta``; ``none`` for runs recorded before it existed)
+    tta_override: str | None = None
 
     @property
     def patch_size(self) -> int:
@@ -48,10 +52,18 @@ class SegmenterRun:
     def num_classes(self) -> int:
         return int(self.record.get("num_classes", 3))
 
+    @property
+    def tta(self) -> str:
+        """The test-time augmentation :meth:`predict` uses (:mod:`diffusiondci.segmentation.tta`)."""
+        mode = self.tta_override or str(self.record.get("tta", "none"))
+        tta_views(mode)  # a clear error for an unknown mode
+        return mode
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, h, w)`` float in [-1, 1] -> ``(N, num_classes, h, w)`` logits (on ``images``' device)."""
-        out = self.model(images.to(self.device, torch.float32))
+        """``(N, 3, h, w)`` float in [-1, 1] -> ``(N, num_classes, h, w)`` logits (on ``images``' device);
+        under test-time augmentation (:attr:`tta`), the log of the view-averaged class probabilities."""
+        out = predict_with_tta(self.model, images.to(self.device, torch.float32), self.tta)
         return out.to(images.device)
 
 
@@ -71,10 +83,14 @@ def load_model_weights(run_dir: str | Path, checkpoint: str = "best") -> tuple[S
 
 
 def load_segmenter(
-    run_dir: str | Path, checkpoint: str = "best", device: str | torch.device | None = None
+    run_dir: str | Path, checkpoint: str = "best", device: str | torch.device | None = None, tta: str | None = None,
 ) -> SegmenterRun:
-    """Load a ``train-seg`` run folder (``checkpoint``: best (falls back to latest), latest, step_<N>)."""
+    """Load a ``train-seg`` run folder (``checkpoint``: best (falls back to latest), latest, step_<N>);
+    ``tta`` replaces the run's test-time augmentation (:mod:`diffusiondci.segmentation.tta`)."""
+    if tta is not None:
+        tta_views(tta)
     dev = resolve_device(device)
     model, record, resolved = load_model_weights(run_dir, checkpoint)
     model.to(dev).eval()
-    return SegmenterRun(run_dir=Path(run_dir), model=model, record=record, checkpoint=resolved, device=dev)
+    return SegmenterRun(run_dir=Path(run_dir), model=model, record=record, checkpoint=resolved, device=dev,
+                        tta_override=tta)

@@ -14,14 +14,15 @@ One optimizer step (the same recipe for every variant, the plain U-Net included)
    saturation / hue, p = ``jitter_p``) and a mild random zoom (``scale_range``), the zoom applied
    alike to the mask (nearest) and the DSDM features (bilinear) so that all stay aligned;
 4. the loss is ``dice_ce`` (MONAI ``DiceCELoss``: softmax, background included, Dice over the
-   batch + cross-entropy) or the paper's pixel cross-entropy (``ce``); the optimizer and its
+   batch + cross-entropy) or the paper's pixel cross-entropy (``ce``), each class weighted by
+   ``class_weights`` (``balanced``: median-frequency weights of the labelled training masks); the optimizer and its
    learning-rate schedule belong to the trainer (:mod:`diffusiondci.train.segmentation`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ from monai.losses import DiceCELoss
 
 from ..data.augment import AUGMENTATIONS, dihedral
 from ..errors import UserInputError
-from .seg_config import LOSSES, SegConfig
+from .seg_config import CLASS_WEIGHTS, LOSSES, SegConfig
 
 
 ViewFeatures = Callable[[torch.Tensor, list[int]], Mapping[int, torch.Tensor]]
@@ -127,13 +128,37 @@ def augment_batch(
     return x, y
 
 
-def make_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def make_loss(name: str, weight: torch.Tensor | None = None) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``logits (N, C, H, W), labels (N, H, W) -> loss``: ``ce`` (the paper's pixel cross-entropy) or
     ``dice_ce`` = MONAI ``DiceCELoss`` (softmax, background included, labels one-hot; the soft Dice
-    of each class pooled over the batch, averaged over classes, plus the mean cross-entropy)."""
+    of each class pooled over the batch, averaged over classes, plus the mean cross-entropy).
+    ``weight`` (one per class) rescales each class's cross-entropy and, in ``dice_ce``, its Dice term."""
     if name == "ce":
-        return F.cross_entropy
+        return lambda logits, labels: F.cross_entropy(
+            logits, labels, weight=weight.to(logits.device) if weight is not None else None)
     if name != "dice_ce":
         raise UserInputError(f"seg.loss must be one of {LOSSES}, got {name!r}")
-    dice_ce = DiceCELoss(include_background=True, to_onehot_y=True, softmax=True, batch=True)
+    dice_ce = DiceCELoss(include_background=True, to_onehot_y=True, softmax=True, batch=True, weight=weight)
     return lambda logits, labels: dice_ce(logits, labels[:, None])
+
+
+def class_weights(mode: str, masks: Iterable[torch.Tensor], num_classes: int) -> torch.Tensor | None:
+    """Per-class loss weights of ``seg.class_weights`` from the training masks: ``none`` -> None;
+    ``balanced`` -> median-frequency balancing (Eigen & Fergus 2015), ``w_c = median(f) / f_c`` with
+    ``f_c`` the pixel share of class ``c``, so that a class rare in the labelled slides (benign glands
+    in GlaS' training split) weighs as much in the loss as a common one. A class absent from the
+    masks gets weight 1."""
+    if mode == "none":
+        return None
+    if mode != "balanced":
+        raise UserInputError(f"seg.class_weights must be one of {CLASS_WEIGHTS}, got {mode!r}")
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for m in masks:
+        counts += torch.bincount(m.flatten().long(), minlength=num_classes)[:num_classes].double()
+    present = counts > 0
+    if not present.any():
+        raise UserInputError("seg.class_weights balanced: the training masks hold no pixels")
+    freq = counts / counts.sum()
+    weights = torch.ones(num_classes, dtype=torch.float64)
+    weights[present] = torch.quantile(freq[present], 0.5) / freq[present]
+    return weights.float()

@@ -9,8 +9,12 @@ Variants (config / CLI):
 * ``synthetic_ratio``, ``filter_threshold``: synthetic pairs (:mod:`diffusiondci.train.seg_data`).
 * ``labelled``, ``label_seed``, ``label_unit``: a small annotation budget
   (:mod:`diffusiondci.train.seg_data`).
-* ``augment``, ``jitter_p``, ``scale_range``, ``loss``: the augmentation and loss recipe
+* ``augment``, ``jitter_p``, ``scale_range``, ``loss``, ``class_weights``: the augmentation and loss recipe
   (:mod:`diffusiondci.train.seg_augment`).
+* ``tta``: test-time augmentation (:mod:`diffusiondci.segmentation.tta`) of the final test scoring,
+  recorded in ``segmenter.json`` as the default of ``segment``; validation during training uses one view.
+* ``autocast``: ``auto`` trains (and validates) in bf16 autocast where the hardware computes bf16
+  natively (about 1.5x the steps per second on an AVX512-BF16 CPU), else fp32; ``fp32`` always.
 """
 
 from __future__ import annotations
@@ -18,15 +22,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..data.augment import AUGMENTATIONS
+from ..device import AUTOCAST_CHOICES
 from ..errors import UserInputError
 from ..models.segmenter import INJECTIONS
 from ..segmentation.features import FEATURE_DTYPES
+from ..segmentation.tta import TTA_MODES
 from .dsdm import UNET_PRESETS
 from .lr_schedule import LR_SCHEDULES
 
 INITS = ("dsdm", "scratch")
 LABEL_UNITS = ("slide", "patch")
 LOSSES = ("ce", "dice_ce")
+#: ``class_weights``: ``none`` (every class weighs 1) | ``balanced`` (median-frequency weights of the
+#: labelled training masks; :func:`diffusiondci.train.seg_augment.class_weights`)
+CLASS_WEIGHTS = ("none", "balanced")
 #: ``val_metric`` -> the logged validation score that picks ``checkpoints/best``: the mean Dice of
 #: the pooled confusion matrix of the val split (``dataset``) or the mean of per-image mean Dice
 #: (``image``, where a class wrongly predicted in a one-class patch scores 0: much noisier).
@@ -45,6 +54,7 @@ class SegConfig:
     kv_size: int = 16
     caa_window: int = 3  # local CAA over w x w DSDM positions around each pixel; 0: global CAA (kv_size)
     loss: str = "dice_ce"  # ce | dice_ce
+    class_weights: str = "none"  # none | balanced (median-frequency weights of the training masks)
     lr: float = 1e-3
     lr_schedule: str = "poly"  # constant | cosine | poly (after lr_warmup linear warm-up steps)
     lr_warmup: int = 50
@@ -72,6 +82,8 @@ class SegConfig:
     feature_batch: int = 4  # images per frozen-DSDM forward (fixed: cached = recomputed, bit for bit)
     feature_cache: str = "dsdm"  # dsdm (<dsdm run>/feature_cache) | off | a folder
     feature_cache_gb: float = 8.0  # bound on the cache folder (least recently used files go first)
+    tta: str = "dihedral"  # test-time augmentation of the test scoring and `segment`: none | flip | dihedral
+    autocast: str | None = "auto"  # auto | bf16 | fp32 (None = fp32); see diffusiondci.device.resolve_autocast
     log_every: int = 10
     ckpt_every: int = 100
     num_workers: int = 0
@@ -100,8 +112,9 @@ class SegConfig:
             raise UserInputError(f"seg.label_unit must be one of {LABEL_UNITS}, got {self.label_unit!r}")
         if not 0.0 <= self.jitter_p <= 1.0:
             raise UserInputError("seg.jitter_p must lie in [0, 1]")
-        choices = {"loss": LOSSES, "lr_schedule": LR_SCHEDULES, "augment": AUGMENTATIONS,
-                   "feature_dtype": tuple(FEATURE_DTYPES), "val_metric": tuple(VAL_METRICS)}
+        choices = {"loss": LOSSES, "class_weights": CLASS_WEIGHTS, "lr_schedule": LR_SCHEDULES, "augment": AUGMENTATIONS,
+                   "feature_dtype": tuple(FEATURE_DTYPES), "val_metric": tuple(VAL_METRICS),
+                   "autocast": (None, *AUTOCAST_CHOICES), "tta": tuple(TTA_MODES)}
         for name, options in choices.items():
             if getattr(self, name) not in options:
                 raise UserInputError(f"seg.{name} must be one of {options}, got {getattr(self, name)!r}")

@@ -11,7 +11,9 @@ Validation on the real ``val`` split (mean Dice, mIoU; features of the un-moved 
 too) every ``val_every`` steps keeps ``checkpoints/best``; without a ``val`` split (``prepare
 --val-fraction 0``: every annotated slide trains) the last checkpoint is the model
 (``segmenter.json`` ``training.checkpoint_policy``). At the end that checkpoint is scored on the
-``test`` split (``test_metrics.json``).
+``test`` split (``test_metrics.json``) under the run's test-time augmentation (``tta``, kept in
+``segmenter.json`` for ``segment``). ``autocast: auto`` trains and validates in bf16 autocast where
+the hardware computes bf16 natively (the frozen DSDM's features stay fp32).
 
 Resumable exactly (:class:`~diffusiondci.train.loop.Trainer`), DDP-ready through ``torchrun``.
 The run folder records the training data's colour-normalisation target and ROI geometry
@@ -32,6 +34,7 @@ from torch.utils.data import ConcatDataset, Dataset, Subset
 from .. import __version__
 from ..data.imageio import write_json_atomic
 from ..data.patch_dataset import PatchDataset
+from ..device import resolve_autocast
 from ..errors import UserInputError
 from ..evaluation.metrics import MetricAccumulator
 from ..models.segmenter import Segmenter, init_from_dsdm, segmenter_unet_config
@@ -41,6 +44,7 @@ from ..segmentation.feature_cache import FeatureCache
 from ..segmentation.features import DiffusionFeatureExtractor
 from ..segmentation.model import SEG_FORMAT, SEG_META, SegmentationModel
 from ..segmentation.run import load_segmenter
+from ..segmentation.tta import predict_with_tta
 from . import distributed as dist_utils
 from .data_order import steps_per_epoch
 from .dsdm import UNET_PRESETS
@@ -55,6 +59,7 @@ from .seg_augment import (
     apply_dihedral,
     augment_batch,
     augment_views,
+    class_weights,
     colour_jitter,
     draw_dihedral,
     make_loss,
@@ -165,10 +170,13 @@ def build_model(
 @torch.no_grad()
 def predict_dataset(
     model: nn.Module, dataset: Dataset, batch_size: int = 16,
-    features: Callable[[torch.Tensor], Mapping[int, torch.Tensor]] | None = None,
+    features: Callable[[torch.Tensor], Mapping[int, torch.Tensor]] | None = None, autocast: str | None = None,
+    tta: str = "none",
 ) -> MetricAccumulator:
     """Scores of ``model`` on every item of ``dataset`` (``image``, ``mask``); ``features(images)``,
-    if given, supplies the DSDM features (``model(images, features)``, e.g. from the cache)."""
+    if given, supplies the DSDM features (``model(images, features)``, e.g. from the cache);
+    ``autocast="bf16"`` runs the network in bf16 autocast (as it trained); ``tta`` averages the
+    predictions of flipped / turned views (:mod:`diffusiondci.segmentation.tta`)."""
     was = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -177,7 +185,9 @@ def predict_dataset(
     for start in range(0, n, batch_size):
         items = [dataset[i] for i in range(start, min(n, start + batch_size))]
         x = torch.stack([it["image"] for it in items]).to(dev)
-        logits = model(x, features(x)) if features is not None else model(x)
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
+            logits = predict_with_tta(
+                (lambda v: model(v, features(v))) if features is not None else model, x, tta)
         acc.update(logits.argmax(1).cpu().numpy(), torch.stack([it["mask"] for it in items]).numpy())
     model.train(was)
     return acc
@@ -273,8 +283,10 @@ def train_seg(
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_lr_scheduler(optimizer, cfg.lr_schedule, total_steps, cfg.lr_warmup, cfg.lr_min_ratio)
     aug_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, info.rank, 17))
-    loss_fn = make_loss(cfg.loss)
+    weights = class_weights(cfg.class_weights, (real_train[i]["mask"] for i in range(n_real)), NUM_MASK_CLASSES)
+    loss_fn = make_loss(cfg.loss, weights)
     cache = feature_cache(cfg, model, dsdm_path)
+    precision = resolve_autocast(cfg.autocast, info.device)
 
     def view_features(views: torch.Tensor, states: list[int]) -> Mapping[int, torch.Tensor]:
         assert cache is not None
@@ -294,7 +306,7 @@ def train_seg(
         if len(val) == 0:
             return {}
         fetch = cache.features if cache is not None else None
-        scores = predict_dataset(m, val, features=fetch).compute()
+        scores = predict_dataset(m, val, features=fetch, autocast=precision).compute()
         pooled = scores["dataset"]
         return {"dice": scores["mean_dice"] or 0.0, "miou": scores["mean_iou"] or 0.0,
                 "dice_dataset": pooled["mean_dice"] or 0.0, "miou_dataset": pooled["mean_iou"] or 0.0}
@@ -315,7 +327,7 @@ def train_seg(
         val_every=val_every, best_key=VAL_METRICS[cfg.val_metric] if len(val) else None, best_mode="max",
         val_use_ema=False,
         resume=resume, device=device, num_workers=cfg.num_workers, progress=progress,
-        generators={"seg_augment": aug_gen}, scheduler=scheduler,
+        generators={"seg_augment": aug_gen}, scheduler=scheduler, autocast=precision,
     )
     if trainer.is_main:
         seg_record = {
@@ -323,14 +335,16 @@ def train_seg(
             "diffusiondci_version": __version__,
             **record,
             "num_classes": NUM_MASK_CLASSES,
+            "tta": cfg.tta,  # test-time augmentation of the test scoring and of `segment`
             "data": data_record(real, image_size),
             "training": {
                 "steps": total_steps, "batch_size": batch_size, "labelled": cfg.labelled,
                 "label_seed": cfg.label_seed, "label_unit": cfg.label_unit, "num_labelled": n_real,
                 "labelled_ids": [real.ids[i] for i in chosen] if cfg.labelled is not None else None,
                 "synthetic_used": synth_record["used"] if synth_record else 0,
-                "loss": cfg.loss, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "lr_warmup": cfg.lr_warmup,
-                "augment": cfg.augment, "scale_range": cfg.scale_range,
+                "loss": cfg.loss, "class_weights": weights.tolist() if weights is not None else None,
+                "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "lr_warmup": cfg.lr_warmup,
+                "augment": cfg.augment, "scale_range": cfg.scale_range, "precision": precision or "fp32",
                 # best on the val split when there is one, else the last step (prepare --val-fraction 0)
                 "checkpoint_policy": f"best_val_{VAL_METRICS[cfg.val_metric]}" if len(val) else "last",
             },
@@ -350,14 +364,17 @@ def train_seg(
     return run_dir
 
 
-def evaluate_run(run_dir: str | Path, data: str | Path, split: str = "test", device=None) -> dict[str, Any] | None:
-    """Score the run's best checkpoint (latest if none) on ``split`` of ``data``; writes ``<split>_metrics.json``."""
+def evaluate_run(run_dir: str | Path, data: str | Path, split: str = "test", device=None,
+                 tta: str | None = None) -> dict[str, Any] | None:
+    """Score the run's best checkpoint (latest if none) on ``split`` of ``data`` with the run's
+    test-time augmentation (or ``tta``); writes ``<split>_metrics.json``."""
     ds = PatchDataset(data, splits=(split,), with_masks=True, labelled_only=True)
     if len(ds) == 0:
         return None
-    run = load_segmenter(run_dir, device=device)
-    scores = predict_dataset(run.model, ds).compute()
+    run = load_segmenter(run_dir, device=device, tta=tta)
+    scores = predict_dataset(run.model, ds, tta=run.tta).compute()
     scores["split"] = split
     scores["checkpoint"] = str(run.checkpoint)
+    scores["tta"] = run.tta
     write_json_atomic(Path(run_dir) / f"{split}_metrics.json", scores)
     return scores
