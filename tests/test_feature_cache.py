@@ -158,8 +158,8 @@ def test_resume_is_exact_whatever_the_cache_holds(shared, tmp_path, monkeypatch)
                      progress=False, evaluate_test=False, device="cpu")
     real, calls = seg_mod.make_loss, {"n": 0}
 
-    def killing_loss(name):
-        loss = real(name)
+    def killing_loss(name, weight=None):
+        loss = real(name, weight)
 
         def fn(logits, labels):
             calls["n"] += 1
