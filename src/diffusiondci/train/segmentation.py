@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from .. import __version__
-from ..data.imageio import write_json_atomic
+from ..data.imageio import read_mask, write_json_atomic
 from ..data.patch_dataset import PatchDataset
 from ..device import resolve_autocast
 from ..errors import UserInputError
@@ -283,7 +283,9 @@ def train_seg(
     optimizer = torch.optim.Adam(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_lr_scheduler(optimizer, cfg.lr_schedule, total_steps, cfg.lr_warmup, cfg.lr_min_ratio)
     aug_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, info.rank, 17))
-    weights = class_weights(cfg.class_weights, (real_train[i]["mask"] for i in range(n_real)), NUM_MASK_CLASSES)
+    # the mask files alone (not the images): read only when class_weights asks for them
+    weights = class_weights(cfg.class_weights, (torch.from_numpy(read_mask(real.mask_path(i))) for i in chosen),
+                            NUM_MASK_CLASSES)
     loss_fn = make_loss(cfg.loss, weights)
     cache = feature_cache(cfg, model, dsdm_path)
     precision = resolve_autocast(cfg.autocast, info.device)
