@@ -13,7 +13,11 @@ itself as reference image. Scores (SDM's protocol):
   as the yardstick, real training patches vs. the same held-out patches). The samples are
   conditioned on those patches' own embeddings, so this FD can fall far below the real-vs-real
   yardstick; ``fd_other_real`` scores them against the next ``--n-eval`` held-out patches instead
-  (yardstick: the reference patches vs. those);
+  (yardstick: the reference patches vs. those). At ``--n-eval`` 64 the 512-d FDs are mostly
+  small-sample bias and swing between runs; ``fd_pca`` / ``fd_pca_other`` / ``kid_pca`` are the same
+  distances after projecting onto the top ``--pca-dims`` principal axes of other real training
+  patches, whitened (:class:`~diffusiondci.evaluation.generation_metrics.PrincipalProjection`),
+  and are the ones to compare samplers and checkpoints by;
 * gen-mIoU: an independent off-the-shelf MONAI U-Net, trained on the real train split (best
   validation checkpoint), segments the generated images; its mIoU against the conditioning masks,
   next to its mIoU on the real images of the same masks (``real_miou``). ``ratio`` = gen / real.
@@ -46,6 +50,7 @@ from diffusiondci.diffusion.generate import generate  # noqa: E402
 from diffusiondci.diffusion.picture_grid import make_grid  # noqa: E402
 from diffusiondci.evaluation.generation_metrics import (  # noqa: E402
     ModuleFeatureExtractor,
+    PrincipalProjection,
     frechet_distance,
     kernel_inception_distance,
 )
@@ -96,11 +101,18 @@ def main() -> None:
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--guidance", type=float, default=3.0)
+    ap.add_argument("--seed", type=int, default=0, help="noise seed of the samples")
     ap.add_argument("--autocast", default="fp32", help="sampling precision: fp32 | bf16 | auto")
     ap.add_argument("--steps", default=None, help="comma-separated checkpoint steps (default: all)")
     ap.add_argument("--unet-steps", type=int, default=1500, help="training steps of the independent U-Net")
     ap.add_argument("--unet-cache", type=Path, default=None,
                     help="a .pt file: reuse the independent U-Net trained there for the same data and steps")
+    ap.add_argument("--pca-dims", type=int, default=16,
+                    help="dimensions of the projected FD / KID (top principal axes of real training patches)")
+    ap.add_argument("--basis-patches", type=int, default=256,
+                    help="real training patches the principal axes are fitted on (not the yardstick's)")
+    ap.add_argument("--save-samples", action="store_true",
+                    help="also write the generated images as samples_step_<N>.npy (uint8, N x H x W x 3)")
     ap.add_argument("--out", type=Path, default=Path("bench_output/convergence"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -125,8 +137,9 @@ def main() -> None:
     if args.steps:
         wanted = [s for s in wanted if s in {int(v) for v in args.steps.split(",")}]
     rows = []
-    real_feats = other_feats = None
+    real_feats = other_feats = proj = None
     fd_real = fd_other_real = None
+    yard: dict[str, float] = {}
     for step in wanted:
         model, schedule, info = load_dsdm(args.dsdm, checkpoint=f"step_{step}", device="cpu")
         extractor = ModuleFeatureExtractor(info.encoder) if info.encoder is not None else None
@@ -135,17 +148,27 @@ def main() -> None:
             # the yardstick: real training patches (other patients) against the same real held-out patches
             train = PatchDataset(args.data, splits=("train",), with_masks=True, labelled_only=True)
             train_imgs = torch.stack([train[i]["image"] for i in range(min(len(items), len(train)))])
-            fd_real = frechet_distance(extractor(train_imgs), real_feats)
+            train_feats = extractor(train_imgs)
+            fd_real = frechet_distance(train_feats, real_feats)
             print(f"FD real train vs real {args.split} patches: {fd_real:.2f}", flush=True)
+            # the projection's axes come from other training patches than the yardstick's
+            basis_ids = range(len(train_imgs), min(len(train_imgs) + args.basis_patches, len(train)))
+            if len(basis_ids) > args.pca_dims:
+                proj = PrincipalProjection(extractor(torch.stack([train[i]["image"] for i in basis_ids])),
+                                           args.pca_dims)
+                yard["fd_pca_real_train_vs_refs"] = frechet_distance(proj(train_feats), proj(real_feats))
             other_feats = extractor(torch.stack(others)) if len(others) >= 2 else None
             if other_feats is not None:
                 fd_other_real = frechet_distance(real_feats, other_feats)
                 print(f"FD real {args.split} references vs {len(others)} other real {args.split} patches: "
                       f"{fd_other_real:.2f}", flush=True)
+                if proj is not None:
+                    yard["fd_pca_refs_vs_other_real"] = frechet_distance(proj(real_feats), proj(other_feats))
+            print("projected yardsticks:", json.dumps(yard), flush=True)
         refs = embed_dataset(info.encoder, list(real), batch_size=64) if info.encoder is not None else None
         t0 = time.perf_counter()
         fake = generate(model, schedule, masks, refs, sampler=args.sampler, steps=args.sample_steps,
-                        guidance=args.guidance, seed=0, batch_size=32, autocast=args.autocast)
+                        guidance=args.guidance, seed=args.seed, batch_size=32, autocast=args.autocast)
         sample_s = time.perf_counter() - t0
         gen_seg = segment(net, fake, masks)
         row = {"step": step, "minutes": round(minutes.get(step, float("nan")), 2), "sample_s": round(sample_s, 1),
@@ -159,6 +182,15 @@ def main() -> None:
                 row["fd_other_real"] = frechet_distance(fake_feats, other_feats)
             row["kid_encoder"] = kernel_inception_distance(fake_feats, real_feats, subsets=50,
                                                            subset_size=min(50, len(items)))[0]
+            if proj is not None:
+                row["fd_pca"] = frechet_distance(proj(fake_feats), proj(real_feats))
+                if other_feats is not None:
+                    row["fd_pca_other"] = frechet_distance(proj(fake_feats), proj(other_feats))
+                row["kid_pca"] = kernel_inception_distance(proj(fake_feats), proj(real_feats), subsets=50,
+                                                           subset_size=min(50, len(items)))[0]
+        if args.save_samples:
+            np.save(args.out / f"samples_step_{step}.npy",
+                    np.stack([to_uint8_image(fake[i]) for i in range(fake.shape[0])]))
         rows.append(row)
         sheet = [[colour_mask(masks[i].numpy()), to_uint8_image(real[i]), to_uint8_image(fake[i])]
                  for i in range(min(8, len(items)))]
@@ -167,9 +199,9 @@ def main() -> None:
 
     (args.out / "convergence.json").write_text(json.dumps(
         {"data": str(args.data), "dsdm": str(args.dsdm), "n_eval": len(items), "split": args.split, "sampler": args.sampler,
-         "sample_steps": args.sample_steps, "guidance": args.guidance, "autocast": args.autocast, "independent_unet": ref_run,
+         "sample_steps": args.sample_steps, "guidance": args.guidance, "seed": args.seed, "autocast": args.autocast, "independent_unet": ref_run,
          "fd_real_train_vs_test": fd_real, "fd_real_refs_vs_other_real": fd_other_real,
-         "n_other_real": len(others),
+         "n_other_real": len(others), "pca_dims": args.pca_dims if proj is not None else None, **yard,
          "rows": rows}, indent=2))
     if rows:
         fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
@@ -190,12 +222,14 @@ def main() -> None:
                   ylim=(0, max([1.1] + [1.05 * r["ratio"] for r in rows if r["ratio"] is not None])))
         fig.tight_layout()
         fig.savefig(args.out / "convergence.png", dpi=100)
-    print(f"\n{'step':>6} {'min':>6} {'FD':>8} {'FD other':>8} {'KID':>8} {'gen mIoU':>9} {'real mIoU':>9} {'ratio':>6}")
+    print(f"\n{'step':>6} {'min':>6} {'FD':>8} {'FD other':>8} {'KID':>8} {'FDpca':>7} {'FDpca o':>7} "
+          f"{'gen mIoU':>9} {'real mIoU':>9} {'ratio':>6}")
+    nan = float("nan")
     for r in rows:
-        print(f"{r['step']:>6} {r['minutes']:>6.1f} {r.get('fd_encoder', float('nan')):>8.2f} "
-              f"{r.get('fd_other_real', float('nan')):>8.2f} "
-              f"{r.get('kid_encoder', float('nan')):>8.4f} {r['gen_miou']:>9.3f} {r['real_miou']:>9.3f} "
-              f"{r['ratio']:>6.2f}")
+        print(f"{r['step']:>6} {r['minutes']:>6.1f} {r.get('fd_encoder', nan):>8.2f} "
+              f"{r.get('fd_other_real', nan):>8.2f} {r.get('kid_encoder', nan):>8.4f} "
+              f"{r.get('fd_pca', nan):>7.2f} {r.get('fd_pca_other', nan):>7.2f} "
+              f"{r['gen_miou']:>9.3f} {r['real_miou']:>9.3f} {r['ratio']:>6.2f}")
     print(f"wrote {args.out / 'convergence.json'}")
 
 

@@ -78,6 +78,7 @@ def test_experiment_runs_end_to_end(name, shared, tmp_path, monkeypatch):
     if name in ("table1", "table2"):
         assert all(r["fd_encoder_mean"] for r in summary) and all(r["miou_generated_mean"] for r in summary)
         assert all(r["fd_encoder_real_mean"] for r in summary) and all(r["miou_real_mean"] for r in summary)
+        assert all(r["fd_pca_mean"] for r in summary) and all(r["fd_pca_real_mean"] for r in summary)
     # resume: a rerun reuses every finished run and gives the same table
     before = (out / "results.csv").read_text()
     run_experiment(name, shared["data"], out, "tiny", cfg, encoder=shared["encoder"], assets=shared["assets"],
@@ -158,3 +159,16 @@ def test_label_budget_trains_only_the_methods_asked_for(tmp_path, monkeypatch):
     assert all(float(r["dataset_dice"]) == 0.6 for r in got)
     with pytest.raises(UserInputError, match="budget_methods"):
         ExperimentConfig(budget_methods=["dci_everything"])
+
+
+def test_experiment_samples_use_ddim_whatever_the_preset_sampler(tmp_path, monkeypatch):
+    """The tiny preset's `sample` default is 25-step SDE DPM-Solver++; synthetic pairs of experiments and the
+    demo keep DDIM at their own step count (what their figures were measured with)."""
+    import diffusiondci.diffusion.pipeline as pipeline
+    from diffusiondci.evaluation.experiment_runs import ensure_samples
+
+    assert load_section("tiny", "sample")["sampler"] == "dpmpp_sde"
+    seen = []
+    monkeypatch.setattr(pipeline, "sample_to_folder", lambda dsdm, masks, out, cfg, **kw: seen.append(cfg))
+    ensure_samples(tmp_path / "dsdm", tmp_path / "data", tmp_path / "out", "tiny", 10, log=lambda m: None)
+    assert [(c.sampler, c.steps) for c in seen] == [("ddim", 10)]

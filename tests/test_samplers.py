@@ -119,6 +119,21 @@ def test_dpmpp_second_order_beats_ddim_at_equal_evaluations():
     assert err_fast < 0.015 and err_fast < 0.6 * err_ddim
 
 
+def test_dpmpp_sde_with_gaussian_oracle_approximates_data_distribution():
+    """The SDE form of DPM-Solver++(2M) draws fresh noise per step from the generator, and with
+    exact ε on Gaussian data its 25 evaluations still land near the data law N(mu, s²)."""
+    mu, s, steps = 0.1, 0.2, 25
+    sched = DiffusionSchedule(1000)
+    oracle = _gaussian_oracle(sched, sched.respace(evenly_spaced_timesteps(1000, steps)), mu, s)
+    noise = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(4))
+    out = dpmpp_sample(oracle, sched, noise.shape, torch.Generator().manual_seed(0), steps=steps,
+                       clip_denoised=False, noise=noise, stochastic=True)
+    det = dpmpp_sample(oracle, sched, noise.shape, torch.Generator().manual_seed(0), steps=steps,
+                       clip_denoised=False, noise=noise)
+    assert abs(float(out.mean()) - mu) < 0.01 and abs(float(out.std()) - s) < 0.015
+    assert not torch.allclose(out, det)  # the same x_T, other paths: the noise is really used
+
+
 def test_dpmpp_is_deterministic_and_needs_the_full_schedule():
     sched = DiffusionSchedule(200)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
@@ -135,7 +150,8 @@ def _toy_model(x, t):
 
 @pytest.mark.parametrize(
     "sampler,kwargs",
-    [(ddpm_sample, {"steps": 10}), (ddim_sample, {"steps": 10, "eta": 1.0})],
+    [(ddpm_sample, {"steps": 10}), (ddim_sample, {"steps": 10, "eta": 1.0}),
+     (dpmpp_sample, {"steps": 10, "stochastic": True})],
 )
 def test_sampling_is_bit_reproducible_per_seed(sampler, kwargs):
     sched = DiffusionSchedule(200)

@@ -74,7 +74,7 @@ def run_demo(out: Path, seed: int = 0, cfg: DemoConfig | None = None, log: Calla
     dsdm = ensure_dsdm(data, runs / "dsdm", "tiny", cfg.dsdm_steps, encoder, log=log)
     synthetic = out / "synthetic"
     step("generate synthetic pairs from the training masks",
-         f"diffusiondci sample --model {dsdm} --masks {data} --split train --out {synthetic} --steps {cfg.sample_steps}")
+         f"diffusiondci sample --model {dsdm} --masks {data} --split train --out {synthetic} --sampler ddim --steps {cfg.sample_steps} --preset tiny")
     ensure_samples(dsdm, data, synthetic, "tiny", cfg.sample_steps, split="train", log=log)
 
     step("train the CAA segmenter with synthetic pairs",

@@ -22,8 +22,8 @@ def sample(
     references: Annotated[Optional[Path], typer.Option("--references", help="Folder of reference images (matched by id, else taken in turn).")] = None,
     split: Annotated[Optional[str], typer.Option(help="With a dataset as --masks: use this split only.")] = None,
     preset: PresetOpt = DEFAULT_PRESET,
-    sampler: Annotated[Optional[str], typer.Option(help="ddpm | ddim | dpmpp (DPM-Solver++(2M)).", show_default=_from_preset("sample", "sampler"))] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (auto: all T for ddpm, 50 for ddim and dpmpp).", show_default=_from_preset("sample", "steps"))] = None,
+    sampler: Annotated[Optional[str], typer.Option(help="ddpm | ddim | dpmpp (DPM-Solver++(2M)) | dpmpp_sde (its stochastic form).", show_default=_from_preset("sample", "sampler"))] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (auto: all T for ddpm, 50 for ddim, dpmpp and dpmpp_sde).", show_default=_from_preset("sample", "steps"))] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Guidance scale s of eq. 17 (the paper: 3).", show_default=_from_preset("sample", "guidance"))] = None,
     num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Images per mask.", show_default=_from_preset("sample", "num_samples"))] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, same images).", show_default=_from_preset("sample", "seed"))] = None,
@@ -176,7 +176,8 @@ def experiment(
     seg_steps: Annotated[Optional[int], typer.Option(help="Segmenter training steps per run.", show_default=_from_preset("experiment", "seg_steps", none="the seg section's"))] = None,
     dsdm_steps: Annotated[Optional[int], typer.Option(help="DSDM training steps per generator.", show_default=_from_preset("experiment", "dsdm_steps", none="the dsdm section's"))] = None,
     encoder_steps: Annotated[Optional[int], typer.Option(help="Reference-encoder training steps.", show_default=_from_preset("experiment", "encoder_steps", none="the encoder section's"))] = None,
-    sample_steps: Annotated[Optional[int], typer.Option(help="DDIM steps of generated images.", show_default=_from_preset("experiment", "sample_steps"))] = None,
+    sample_steps: Annotated[Optional[int], typer.Option(help="Sampler steps of generated images.", show_default=_from_preset("experiment", "sample_steps"))] = None,
+    sample_sampler: Annotated[Optional[str], typer.Option(help="Sampler of generated images: ddim | ddpm | dpmpp | dpmpp_sde.", show_default=_from_preset("experiment", "sample_sampler"))] = None,
     ratios: Annotated[Optional[str], typer.Option(help="fig6: synthetic ratios, comma-separated (e.g. 0,0.5,1).", show_default=_from_preset("experiment", "ratios"))] = None,
     budgets: Annotated[Optional[str], typer.Option(help="label-budget: N labelled training slides (source images), comma-separated; 0 = all.", show_default=_from_preset("experiment", "budgets"))] = None,
     label_unit: Annotated[Optional[str], typer.Option(help="label-budget: what N counts, slide | patch.", show_default=_from_preset("experiment", "label_unit"))] = None,
@@ -203,7 +204,8 @@ def experiment(
         _at_least(flag, value, 1)
     cfg = _build(
         ExperimentConfig, load_section(preset, "experiment"), "experiment", None, seeds=_ints(seeds), seg_steps=seg_steps,
-        dsdm_steps=dsdm_steps, encoder_steps=encoder_steps, sample_steps=sample_steps, ratios=floats(ratios),
+        dsdm_steps=dsdm_steps, encoder_steps=encoder_steps, sample_steps=sample_steps, sample_sampler=sample_sampler,
+        ratios=floats(ratios),
         budgets=_ints(budgets), label_unit=label_unit, n_eval=n_eval,
         budget_methods=[m.strip() for m in budget_methods.split(",") if m.strip()] if budget_methods else None, inception=str(inception) if inception else None,
     )

@@ -1,6 +1,6 @@
 """Generating images with a DSDM: classifier-free guided DDPM / DDIM / DPM-Solver++ sampling, seeded batch by batch.
 
-:func:`generate` runs DDPM, DDIM or DPM-Solver++ (:mod:`.samplers`) with classifier-free guidance (eq. 17,
+:func:`generate` runs DDPM, DDIM or DPM-Solver++ (deterministic or SDE; :mod:`.samplers`) with classifier-free guidance (eq. 17,
 :func:`.guidance.cfg_model_fn`, s = 3 by default) on label masks and reference embeddings. Batch
 ``b`` (of ``batch_size`` samples, in input order) draws all its noise from a CPU
 ``torch.Generator`` seeded with ``derive(seed, b)``: the same seed and batch size give the same
@@ -27,7 +27,7 @@ from .schedule import DiffusionSchedule
 __all__ = ["DDIM_DEFAULT_STEPS", "SAMPLERS", "batch_generator", "check_sampler", "generate", "generate_batch",
            "guided_model_fn", "in_precision"]
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp")
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "dpmpp_sde")
 DDIM_DEFAULT_STEPS = 50
 
 
@@ -109,8 +109,9 @@ def generate_batch(
     )
     if sampler == "ddpm":
         return ddpm_sample(fn, schedule, shape, generator, steps=steps, **kw)
-    if sampler == "dpmpp":
-        return dpmpp_sample(fn, schedule, shape, generator, steps=steps or DDIM_DEFAULT_STEPS, **kw)
+    if sampler in ("dpmpp", "dpmpp_sde"):
+        return dpmpp_sample(fn, schedule, shape, generator, steps=steps or DDIM_DEFAULT_STEPS,
+                            stochastic=sampler == "dpmpp_sde", **kw)
     return ddim_sample(fn, schedule, shape, generator, steps=steps or DDIM_DEFAULT_STEPS, eta=eta, **kw)
 
 
@@ -141,9 +142,9 @@ def generate(
     Args:
         masks: ``(N, H, W)`` integer labels at the model's patch size.
         refs: ``(N, D)`` reference embeddings (None: the NULL reference).
-        sampler: ``"ddpm"`` (ancestral, learned variance), ``"ddim"`` (eta = ``eta``) or ``"dpmpp"``
-            (DPM-Solver++(2M)).
-        steps: sampling steps; None = all T for DDPM, 50 for DDIM and DPM-Solver++ (respaced otherwise).
+        sampler: ``"ddpm"`` (ancestral, learned variance), ``"ddim"`` (eta = ``eta``), ``"dpmpp"``
+            (DPM-Solver++(2M)) or ``"dpmpp_sde"`` (its stochastic form).
+        steps: sampling steps; None = all T for DDPM, 50 for the others (respaced otherwise).
         guidance: s of eq. 17 (0 = the conditional prediction alone).
         seed: batch ``b`` uses a CPU generator seeded from ``(seed, b)``.
         progress: passed to the sampler of each batch (True = tqdm bar, or ``fn(step, total)``).

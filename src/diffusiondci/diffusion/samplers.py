@@ -19,8 +19,8 @@ Each returns the sample (N, C, H, W), or ``(sample, snapshots)`` with ``return_i
 snapshots being CPU tensors in the order of ``intermediate_fractions``.
 
 :func:`dpmpp_sample` is DPM-Solver++(2M) (Lu et al. 2022) from diffusers'
-``DPMSolverMultistepScheduler``, given this schedule's betas; the learned-variance channels are
-not used by it (nor by DDIM).
+``DPMSolverMultistepScheduler``, given this schedule's betas, deterministic or (``stochastic``)
+its SDE form; the learned-variance channels are not used by it (nor by DDIM).
 """
 
 from __future__ import annotations
@@ -200,12 +200,14 @@ def dpmpp_sample(
     return_intermediates: bool = False,
     intermediate_fractions: Sequence[float] = DEFAULT_FRACTIONS,
     intermediate_kind: str = "pred_x0",
+    stochastic: bool = False,
 ):
-    """DPM-Solver++(2M), deterministic, in ``steps`` network evaluations (diffusers'
-    ``DPMSolverMultistepScheduler`` on this schedule's betas, timesteps spread evenly from T-1 down,
-    first order at the last step). ``clip_denoised`` clamps its x̂_0 to [−1, 1] (diffusers'
-    thresholding with a maximum of 1). ``schedule`` must be the full training schedule, not a
-    respaced one."""
+    """DPM-Solver++(2M) in ``steps`` network evaluations (diffusers' ``DPMSolverMultistepScheduler``
+    on this schedule's betas, timesteps spread evenly from T-1 down, first order at the last step):
+    deterministic, or with ``stochastic`` its SDE form (``sde-dpmsolver++``, Lu et al. 2022), whose
+    fresh noise per step comes from ``generator``. ``clip_denoised`` clamps its x̂_0 to [−1, 1]
+    (diffusers' thresholding with a maximum of 1). ``schedule`` must be the full training
+    schedule, not a respaced one."""
     from diffusers import DPMSolverMultistepScheduler
 
     if steps < 1:
@@ -217,7 +219,8 @@ def dpmpp_sample(
         warnings.simplefilter("ignore", DeprecationWarning)
         solver = DPMSolverMultistepScheduler(
             num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.double().cpu().numpy(),
-            solver_order=2, algorithm_type="dpmsolver++", prediction_type="epsilon", thresholding=clip_denoised,
+            solver_order=2, algorithm_type="sde-dpmsolver++" if stochastic else "dpmsolver++",
+            prediction_type="epsilon", thresholding=clip_denoised,
             sample_max_value=1.0, lower_order_final=True,
         )
         solver.set_timesteps(steps, device=device)
@@ -227,6 +230,7 @@ def dpmpp_sample(
         t = torch.full((n,), int(step_t), device=device, dtype=torch.long)
         eps = model_fn(x, t)[:, :channels]
         pred_x0 = schedule.predict_x0_from_eps(x, t, eps)
-        x = solver.step(eps, step_t, x).prev_sample.to(dtype)
+        noise_k = _randn(x.shape, generator, device, x.dtype) if stochastic else None
+        x = solver.step(eps, step_t, x, variance_noise=noise_k).prev_sample.to(dtype)
         loop.step(k, x, pred_x0.clamp(-1.0, 1.0) if clip_denoised else pred_x0)
     return loop.finish(x)

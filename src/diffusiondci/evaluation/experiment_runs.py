@@ -64,14 +64,16 @@ def ensure_dsdm(data: Path, run: Path, preset: str, steps: int | None, encoder: 
 
 def ensure_samples(dsdm: Path, masks: Path, out: Path, preset: str, steps: int, split: str | None = "train",
                    num_samples: int = 1, guidance: float | None = None, seed: int = 0, references: Path | None = None,
-                   log: Log = print) -> Path:
+                   log: Log = print, sampler: str = "ddim") -> Path:
+    """Sample (or reuse) a synthetic set. Experiments and the demo sample with DDIM at their own
+    ``sample_steps`` whatever the preset's ``sample.sampler`` (their figures were measured so)."""
     from ..diffusion.pipeline import GENERATION_MARKER, SampleConfig, sample_to_folder
 
     # generation.json records the settings when sampling starts; dataset.json appears when it ends
     if not (_finished(out, GENERATION_MARKER) and _finished(out, "dataset.json")):
         log(f"sampling {dsdm.name} -> {out}")
-        cfg = build(SampleConfig, load_section(preset, "sample"), steps=steps, num_samples=num_samples,
-                    guidance=guidance, seed=seed)
+        cfg = build(SampleConfig, load_section(preset, "sample"), sampler=sampler, steps=steps,
+                    num_samples=num_samples, guidance=guidance, seed=seed)
         sample_to_folder(dsdm, masks, out, cfg, references=references, split=split if references is None else None,
                          progress=False, log=lambda m: None)
     return out

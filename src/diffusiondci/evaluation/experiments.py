@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ..data.imageio import write_json_atomic
+from ..diffusion.generate import check_sampler
 from ..errors import UserInputError
 from .experiment_plots import bar_plot, line_plot
 from .experiment_runs import (
@@ -72,7 +73,8 @@ class ExperimentConfig:
     encoder_steps: int | None = None  # None: the preset's
     dsdm_steps: int | None = None
     seg_steps: int | None = None
-    sample_steps: int = 10  # DDIM steps of the synthetic pairs
+    sample_steps: int = 10  # sampler steps of the synthetic pairs and of the generator scores
+    sample_sampler: str = "ddim"  # their sampler (ddim | ddpm | dpmpp | dpmpp_sde)
     n_eval: int = 48  # test masks conditioned on in table1/table2
     diversity_masks: int = 8
     diversity_samples: int = 3
@@ -96,6 +98,7 @@ class ExperimentConfig:
         self.budgets = [int(b) for b in self.budgets]
         if any(r < 0 for r in self.ratios) or any(b < 0 for b in self.budgets):
             raise UserInputError("experiment.ratios and experiment.budgets must be >= 0")
+        check_sampler(self.sample_sampler)
         if self.budget_methods is not None:
             self.budget_methods = [str(m) for m in self.budget_methods]
             unknown = sorted(set(self.budget_methods) - set(BUDGET_METHODS))
@@ -139,8 +142,15 @@ class _Ctx:
 
     def synthetic(self, ratio: float) -> Path:
         k = max(1, math.ceil(ratio))
-        return ensure_samples(self.dsdm_run(), self.data, self.assets / f"synthetic_x{k}", self.preset,
-                              self.cfg.sample_steps, split="train", num_samples=k, log=self.log)
+        return ensure_samples(self.dsdm_run(), self.data, self.assets / f"synthetic_x{k}{self.sampler_tag()}",
+                              self.preset, self.cfg.sample_steps, split="train", num_samples=k, log=self.log,
+                              sampler=self.cfg.sample_sampler)
+
+    def sampler_tag(self) -> str:
+        """Suffix of synthetic-set folders: none for DDIM (the folders of earlier runs), else the sampler
+        and its steps, so that sets of different samplers never share a folder."""
+        cfg = self.cfg
+        return "" if cfg.sample_sampler == "ddim" else f"_{cfg.sample_sampler}{cfg.sample_steps}"
 
     def _shared(self, kind: str, name: str, settings: dict[str, Any]) -> Path:
         """The run folder of ``settings`` under ``assets/<kind>``: ``<name>_<hash of the settings>``,
@@ -363,10 +373,10 @@ def label_budget(ctx: _Ctx) -> None:
                         need = round(ratio * len(chosen))
                         masks = augmented_masks(view, chosen, ctx.assets / f"masks_n{label}_s{s}_{unit}_r{ratio:g}",
                                                 count=need, seed=s)
-                        synth = ensure_samples(dsdm, masks, ctx.assets / f"synth_n{label}_s{s}_{unit}_r{ratio:g}",
-                                               ctx.preset, ctx.cfg.sample_steps, split=None,
+                        synth = ensure_samples(dsdm, masks, ctx.assets / f"synth_n{label}_s{s}_{unit}_r{ratio:g}"
+                                               f"{ctx.sampler_tag()}", ctx.preset, ctx.cfg.sample_steps, split=None,
                                                num_samples=max(1, math.ceil(need / (4 * len(chosen)))), seed=s,
-                                               log=ctx.log)
+                                               log=ctx.log, sampler=ctx.cfg.sample_sampler)
                     scores = ctx.seg(ctx.name_of(method + "_synthetic", f"n{label}", f"s{s}"), data=view, dsdm=dsdm,
                                      injection="caa", init="dsdm", seed=s, synthetic=synth, synthetic_ratio=ratio)
                     rows.append({**common, "method": method + "_synthetic", **score_row(scores)})

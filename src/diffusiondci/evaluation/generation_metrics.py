@@ -5,6 +5,8 @@
   :class:`InceptionFeatureExtractor` (2048-d pool features of the standard TF-ported InceptionV3)
   it is the usual FID; with :class:`ModuleFeatureExtractor` on our reference encoder it is a
   domain-specific FD that needs no download.
+* **Projected FD** (:class:`PrincipalProjection`): FD after projecting both sets onto the top
+  principal axes of a separate real set, whitened; well-posed with fewer samples than dimensions.
 * **KID** (Bińkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel
   ``k(x, y) = (x.y / d + 1)^3``, averaged over random subsets (mean, std).
 * **LPIPS-style distance** (Zhang et al. 2018, ref. [50]) without the learned linear weights:
@@ -118,6 +120,40 @@ def frechet_distance(feats_a: Any, feats_b: Any, eps: float = 1e-6) -> float:
     mu_a, sigma_a = feature_statistics(a)
     mu_b, sigma_b = feature_statistics(b)
     return frechet_distance_from_stats(mu_a, sigma_a, mu_b, sigma_b, eps=eps)
+
+
+class PrincipalProjection:
+    """The top ``dims`` principal axes of a real feature set, each scaled to unit variance.
+
+    FD in the full feature space needs many more samples than dimensions: with 64 images and
+    512-d encoder features the covariances have rank 63, the value is mostly small-sample bias
+    and ``(S_a S_b)^(1/2)`` is ill-conditioned. Projecting both sets onto the leading axes of a
+    *separate* real set (fitted once, e.g. on training patches) and whitening them keeps the
+    distance well-posed at small n: use ``dims`` at most about n / 4. Projected FDs are
+    comparable only under the same projection.
+    """
+
+    def __init__(self, real: Any, dims: int) -> None:
+        x = _as_features(real, "real")
+        if not 1 <= int(dims) < x.shape[0]:
+            raise ValueError(f"dims must lie in [1, {x.shape[0] - 1}] for {x.shape[0]} real samples, got {dims}")
+        self.mean = x.mean(axis=0)
+        _, sv, vt = np.linalg.svd(x - self.mean, full_matrices=False)
+        scale = sv[: int(dims)] / math.sqrt(x.shape[0] - 1)
+        if scale[-1] <= 1e-12 * max(scale[0], 1e-300):
+            raise ValueError(f"the real set spans fewer than {dims} dimensions")
+        self.components = vt[: int(dims)]
+        self.scale = scale
+
+    @property
+    def dims(self) -> int:
+        return int(self.components.shape[0])
+
+    def __call__(self, feats: Any) -> np.ndarray:
+        x = _as_features(feats, "feats")
+        if x.shape[1] != self.mean.shape[0]:
+            raise ValueError(f"feature dimensions differ: {x.shape[1]} vs {self.mean.shape[0]}")
+        return (x - self.mean) @ self.components.T / self.scale
 
 
 def _poly_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -6,6 +6,10 @@ sampled once; then
 
 * ``fd_encoder`` / ``kid_encoder``: Frechet distance and KID between the generated and the real
   test images in the reference encoder's feature space (no Inception weights needed);
+* ``fd_pca`` / ``fd_pca_real``: the same two FDs after projecting onto the top principal axes of
+  other real training patches, whitened (at most ``n_eval / 4`` axes, 16 at most): with fewer
+  samples than feature dimensions the full FD is mostly small-sample bias, the projected one is
+  well-posed (:class:`~.generation_metrics.PrincipalProjection`); None without enough patches;
 * ``fid``: the same with Inception features when ``cfg.inception`` names a TorchScript file;
 * ``diversity``: the paper's LPIPS diversity (mean pairwise LPIPS-style distance over the encoder's
   feature maps) among ``diversity_samples`` samples of each of ``diversity_masks`` masks;
@@ -36,6 +40,7 @@ from .experiment_runs import ensure_samples
 from .generation_metrics import (
     InceptionFeatureExtractor,
     ModuleFeatureExtractor,
+    PrincipalProjection,
     diversity,
     frechet_distance,
     kernel_inception_distance,
@@ -45,8 +50,12 @@ from .metrics import MetricAccumulator
 __all__ = ["SCORE_KEYS", "score_generator"]
 
 #: What :func:`score_generator` returns (a cached ``scores.json`` missing any of them is recomputed).
-SCORE_KEYS = ("fd_encoder", "fd_encoder_real", "kid_encoder", "fid", "diversity", "miou_generated", "miou_real",
-              "n_eval")
+SCORE_KEYS = ("fd_encoder", "fd_encoder_real", "fd_pca", "fd_pca_real", "kid_encoder", "fid", "diversity",
+              "miou_generated", "miou_real", "n_eval")
+#: Most principal axes of the projected FD (fewer when ``n_eval / 4`` is smaller).
+PCA_DIMS = 16
+#: Real training patches the principal axes are fitted on (after the yardstick's ``n_eval``).
+BASIS_PATCHES = 256
 
 
 def _subset_folder(data: Path, ids: list[str], out: Path) -> tuple[Path, Path]:
@@ -77,12 +86,12 @@ def score_generator(
     ids = test.ids[: cfg.n_eval]
     eval_masks, eval_refs = _subset_folder(data, ids, out.parent / f"eval_{data.name}")
     samples = ensure_samples(dsdm, eval_masks, out / "samples", preset, cfg.sample_steps, split=None,
-                             guidance=guidance, seed=seed, references=eval_refs, log=log)
+                             guidance=guidance, seed=seed, references=eval_refs, log=log, sampler=cfg.sample_sampler)
     div_ids = ids[: cfg.diversity_masks]
     div_masks, div_refs = _subset_folder(data, div_ids, out.parent / f"div_{data.name}")
     div_out = ensure_samples(dsdm, div_masks, out / "diversity", preset, cfg.sample_steps, split=None,
                              num_samples=cfg.diversity_samples, guidance=guidance, seed=seed, references=div_refs,
-                             log=log)
+                             log=log, sampler=cfg.sample_sampler)
 
     encoder, _ = load_encoder_run(encoder_run)
     feats = ModuleFeatureExtractor(encoder)
@@ -91,9 +100,20 @@ def score_generator(
     f_fake, f_real = feats(fake), feats(real)
     train = PatchDataset(data, splits=("train",), cache=False)
     real_train = np.stack([read_rgb(data / "images" / f"{pid}.png") for pid in train.ids[: len(ids)]])
+    f_train = feats(real_train)
+    basis_ids = train.ids[len(ids) : len(ids) + BASIS_PATCHES]
+    dims = min(PCA_DIMS, len(ids) // 4, len(basis_ids) - 1)
+    fd_pca = fd_pca_real = None
+    if dims >= 1:
+        proj = PrincipalProjection(feats(np.stack([read_rgb(data / "images" / f"{pid}.png") for pid in basis_ids])),
+                                   dims)
+        fd_pca = round(frechet_distance(proj(f_fake), proj(f_real)), 4)
+        fd_pca_real = round(frechet_distance(proj(f_train), proj(f_real)), 4)
     scores: dict[str, Any] = {
         "fd_encoder": round(frechet_distance(f_fake, f_real), 4),
-        "fd_encoder_real": round(frechet_distance(feats(real_train), f_real), 4),
+        "fd_encoder_real": round(frechet_distance(f_train, f_real), 4),
+        "fd_pca": fd_pca,
+        "fd_pca_real": fd_pca_real,
         "kid_encoder": round(kernel_inception_distance(f_fake, f_real, subsets=50, subset_size=None)[0], 6),
         "fid": None,
     }

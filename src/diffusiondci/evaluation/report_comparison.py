@@ -29,14 +29,14 @@ from .report_html import Builder
 METRIC_LABELS = {
     "mean_dice": "Dice", "dice": "Dice", "mean_iou": "mIoU", "miou": "mIoU", "iou": "mIoU",
     "mean_precision": "precision", "mean_recall": "recall", "accuracy": "pixel accuracy",
-    "fd_encoder": "FD (encoder features)", "fid": "FID", "kid_encoder": "KID (encoder features)",
+    "fd_encoder": "FD (encoder features)", "fd_pca": "FD (projected)", "fid": "FID", "kid_encoder": "KID (encoder features)",
     "diversity": "diversity", "miou_generated": "mIoU of generated images",
     "dataset_dice": "dataset Dice", "dataset_iou": "dataset mIoU",
 }
 #: Segmentation metrics compared when present (per-image means, then the Dice of one confusion matrix
 #: pooled over the test set); other tables show their first labelled metrics.
 SEG_METRICS = ("Dice", "mIoU", "dataset Dice")
-LOWER_IS_BETTER = {"FD (encoder features)", "FID", "KID (encoder features)"}
+LOWER_IS_BETTER = {"FD (encoder features)", "FD (projected)", "FID", "KID (encoder features)"}
 #: Method names written by the experiments and what a reader is told.
 METHOD_LABELS = {
     "plain_unet": "plain U-Net",
