@@ -65,8 +65,9 @@ def ensure_dsdm(data: Path, run: Path, preset: str, steps: int | None, encoder: 
 def ensure_samples(dsdm: Path, masks: Path, out: Path, preset: str, steps: int, split: str | None = "train",
                    num_samples: int = 1, guidance: float | None = None, seed: int = 0, references: Path | None = None,
                    log: Log = print, sampler: str = "ddim") -> Path:
-    """Sample (or reuse) a synthetic set. Experiments and the demo sample with DDIM at their own
-    ``sample_steps`` whatever the preset's ``sample.sampler`` (their figures were measured so)."""
+    """Sample (or reuse) a synthetic set with ``sampler`` at ``steps``, whatever the preset's
+    ``sample.sampler``: experiments pass their ``sample_sampler``; the demo keeps the default DDIM
+    (what its figures were measured with)."""
     from ..diffusion.pipeline import GENERATION_MARKER, SampleConfig, sample_to_folder
 
     # generation.json records the settings when sampling starts; dataset.json appears when it ends
