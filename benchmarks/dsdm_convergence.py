@@ -137,7 +137,7 @@ def main() -> None:
     if args.steps:
         wanted = [s for s in wanted if s in {int(v) for v in args.steps.split(",")}]
     rows = []
-    real_feats = other_feats = proj = None
+    real_feats = other_feats = proj = real_z = other_z = None
     fd_real = fd_other_real = None
     yard: dict[str, float] = {}
     for step in wanted:
@@ -156,14 +156,16 @@ def main() -> None:
             if len(basis_ids) > args.pca_dims:
                 proj = PrincipalProjection(extractor(torch.stack([train[i]["image"] for i in basis_ids])),
                                            args.pca_dims)
-                yard["fd_pca_real_train_vs_refs"] = frechet_distance(proj(train_feats), proj(real_feats))
+                real_z = proj(real_feats)
+                yard["fd_pca_real_train_vs_refs"] = frechet_distance(proj(train_feats), real_z)
             other_feats = extractor(torch.stack(others)) if len(others) >= 2 else None
             if other_feats is not None:
                 fd_other_real = frechet_distance(real_feats, other_feats)
                 print(f"FD real {args.split} references vs {len(others)} other real {args.split} patches: "
                       f"{fd_other_real:.2f}", flush=True)
                 if proj is not None:
-                    yard["fd_pca_refs_vs_other_real"] = frechet_distance(proj(real_feats), proj(other_feats))
+                    other_z = proj(other_feats)
+                    yard["fd_pca_refs_vs_other_real"] = frechet_distance(real_z, other_z)
             print("projected yardsticks:", json.dumps(yard), flush=True)
         refs = embed_dataset(info.encoder, list(real), batch_size=64) if info.encoder is not None else None
         t0 = time.perf_counter()
@@ -183,10 +185,11 @@ def main() -> None:
             row["kid_encoder"] = kernel_inception_distance(fake_feats, real_feats, subsets=50,
                                                            subset_size=min(50, len(items)))[0]
             if proj is not None:
-                row["fd_pca"] = frechet_distance(proj(fake_feats), proj(real_feats))
-                if other_feats is not None:
-                    row["fd_pca_other"] = frechet_distance(proj(fake_feats), proj(other_feats))
-                row["kid_pca"] = kernel_inception_distance(proj(fake_feats), proj(real_feats), subsets=50,
+                fake_z = proj(fake_feats)
+                row["fd_pca"] = frechet_distance(fake_z, real_z)
+                if other_z is not None:
+                    row["fd_pca_other"] = frechet_distance(fake_z, other_z)
+                row["kid_pca"] = kernel_inception_distance(fake_z, real_z, subsets=50,
                                                            subset_size=min(50, len(items)))[0]
         if args.save_samples:
             np.save(args.out / f"samples_step_{step}.npy",

@@ -103,13 +103,13 @@ def score_generator(
     f_train = feats(real_train)
     basis_ids = train.ids[len(ids) : len(ids) + BASIS_PATCHES]
     dims = min(PCA_DIMS, len(ids) // 4, len(basis_ids) - 1)
-    fd_pca = fd_pca_real = None
-    try:
-        proj = PrincipalProjection(feats(np.stack([read_rgb(data / "images" / f"{pid}.png") for pid in basis_ids])),
-                                   dims) if dims >= 1 else None
-    except ValueError as err:  # e.g. training patches too alike to span `dims` axes
-        log(f"projected FD skipped: {err}")
-        proj = None
+    fd_pca = fd_pca_real = proj = None
+    if dims >= 1:
+        basis = feats(np.stack([read_rgb(data / "images" / f"{pid}.png") for pid in basis_ids]))
+        try:
+            proj = PrincipalProjection(basis, dims)
+        except ValueError as err:  # e.g. training patches too alike to span `dims` axes
+            log(f"projected FD skipped: {err}")
     if proj is not None:
         fd_pca = round(frechet_distance(proj(f_fake), proj(f_real)), 4)
         fd_pca_real = round(frechet_distance(proj(f_train), proj(f_real)), 4)
