@@ -31,6 +31,7 @@ def prepare(
     val_fraction: Annotated[Optional[float], typer.Option(help="Fraction of groups for validation.")] = None,
     test_fraction: Annotated[Optional[float], typer.Option(help="Fraction of groups for testing.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of the split.")] = None,
+    stratify: Annotated[Optional[bool], typer.Option("--stratify/--no-stratify", help="Choose, among many seeded group splits, the one whose validation and test class mix and size are closest to the whole (few patients: keeps every class in validation).")] = None,
     max_pixels: Annotated[Optional[int], typer.Option(help="Refuse images with more pixels (decompression bombs).")] = None,
     unlabelled: Annotated[Optional[Path], typer.Option("--unlabelled", help="Folder of slides without annotation: cut and normalised like the others, no masks (manifest labelled=0).")] = None,
     allow_unlabelled: Annotated[bool, typer.Option("--allow-unlabelled", help="Use slides without an annotation as unlabelled instead of stopping.")] = False,
@@ -43,6 +44,7 @@ def prepare(
         roi_size=roi_size, stride=stride, edge=edge, patch_size=patch_size, tile_size=tile_size,
         color_norm=False if no_color_norm else None, norm_target=norm_target, min_tissue=min_tissue,
         val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, max_pixels=max_pixels,
+        stratify=stratify,
     )
     prepare_dataset(input_dir, out, cfg, masks_dir=masks, groups_csv=groups, class_map_file=class_map,
                     log=typer.echo, progress_factory=_progress_factory, unlabelled_dir=unlabelled,
@@ -57,10 +59,12 @@ def import_patches_cmd(
     val_fraction: Annotated[float, typer.Option(help="Fraction of groups for validation.")] = 0.2,
     test_fraction: Annotated[float, typer.Option(help="Fraction of groups for testing.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    stratify: Annotated[bool, typer.Option("--stratify", help="Choose the group split whose validation and test class mix and size are closest to the whole.")] = False,
     allow_unlabelled: Annotated[bool, typer.Option("--allow-unlabelled", help="Import images without a mask file as unlabelled (manifest labelled=0).")] = False,
 ) -> None:
     """Validate already-cut patches and import them into the dataset layout (no resampling)."""
     from ..data.import_patches import import_patches
 
     import_patches(source, out, groups_csv=groups, val_fraction=val_fraction,
-                   test_fraction=test_fraction, seed=seed, log=typer.echo, allow_unlabelled=allow_unlabelled)
+                   test_fraction=test_fraction, seed=seed, log=typer.echo, allow_unlabelled=allow_unlabelled,
+                   stratify=stratify)

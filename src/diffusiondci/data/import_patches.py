@@ -22,7 +22,7 @@ from .. import CLASS_NAMES, __version__
 from ..errors import UserInputError
 from .imageio import IMAGE_SUFFIXES, read_mask, read_rgb, write_json_atomic, write_png_atomic
 from .prepare import DATASET_FORMAT, check_existing_output, class_fractions, write_manifest
-from .splits import assign_splits, read_groups
+from .splits import assign_splits, group_composition, read_groups, split_mix_line
 
 
 def _find_mask(masks_dir: Path, stem: str) -> Path | None:
@@ -41,8 +41,10 @@ def import_patches(
     seed: int = 0,
     log: Callable[[str], None] = print,
     allow_unlabelled: bool = False,
+    stratify: bool = False,
 ) -> Path:
-    """Import ``source/images`` (+ ``source/masks``) into the dataset folder ``out``; returns ``out``."""
+    """Import ``source/images`` (+ ``source/masks``) into the dataset folder ``out``; returns ``out``.
+    ``stratify``: choose the group split by class mix (:func:`~diffusiondci.data.splits.assign_splits`)."""
     source, out = Path(source), Path(out)
     images_dir, masks_dir = source / "images", source / "masks"
     if not images_dir.is_dir() or not (masks_dir.is_dir() or allow_unlabelled):
@@ -55,7 +57,8 @@ def import_patches(
     digest = hashlib.sha256()
     for p in images:
         digest.update(f"{p.name}:{p.stat().st_size};".encode())
-    digest.update(json.dumps([groups, val_fraction, test_fraction, seed], sort_keys=True).encode())
+    split_key = [groups, val_fraction, test_fraction, seed] + (["stratify"] if stratify else [])
+    digest.update(json.dumps(split_key, sort_keys=True).encode())
     mask_of = {p.stem: _find_mask(masks_dir, p.stem) if masks_dir.is_dir() else None for p in images}
     if allow_unlabelled:  # which images are labelled changes the dataset
         digest.update(json.dumps(sorted(k for k, v in mask_of.items() if v is None)).encode())
@@ -100,8 +103,10 @@ def import_patches(
             **class_fractions(mask),
             "labelled": int(mask is not None),
         })
-    split_of = assign_splits([r["group"] for r in rows], val_fraction, test_fraction, seed)
+    split_of = assign_splits([r["group"] for r in rows], val_fraction, test_fraction, seed,
+                             composition=group_composition(rows, CLASS_NAMES) if stratify else None)
     counts = write_manifest(staging, rows, split_of)
+    log(split_mix_line(rows))
     write_json_atomic(staging / "dataset.json", {
         "format": DATASET_FORMAT,
         "diffusiondci_version": __version__,
@@ -110,7 +115,7 @@ def import_patches(
         "num_unlabelled": sum(not r["labelled"] for r in rows),
         "splits": counts,
         "parameters": {"imported": True, "allow_unlabelled": allow_unlabelled, "val_fraction": val_fraction,
-                       "test_fraction": test_fraction, "seed": seed},
+                       "test_fraction": test_fraction, "seed": seed, "stratify": stratify},
         "parameters_hash": params_hash,
         "source": {"input": str(source.resolve()),
                    "groups_csv": str(Path(groups_csv).resolve()) if groups_csv else None},

@@ -45,7 +45,7 @@ from .imageio import read_rgb, write_json_atomic, write_png_atomic
 from .parallel import default_workers, map_ordered
 from .prepare_inputs import SlideJob, check_inputs, plan_jobs
 from .slides import open_label_image, open_slide
-from .splits import assign_splits
+from .splits import assign_splits, group_composition, split_mix_line
 from .tiling import EDGE_MODES, axis_starts, roi_grid
 
 DATASET_FORMAT = 1
@@ -72,6 +72,7 @@ class PrepareConfig:
     test_fraction: float = 0.2
     seed: int = 0
     max_pixels: int = 900_000_000
+    stratify: bool = False  # pick the group split whose val/test class mix matches the whole (splits.py)
 
     def __post_init__(self) -> None:
         """Check every option at once, naming the flag (also for values from a preset file)."""
@@ -81,6 +82,8 @@ class PrepareConfig:
                     value <= 0 and name != "seed"):
                 kind = "an integer" if name == "seed" else "a positive integer"
                 raise UserInputError(f"--{name.replace('_', '-')} must be {kind}, got {value!r}")
+        if not isinstance(self.stratify, bool):
+            raise UserInputError(f"--stratify must be true or false, got {self.stratify!r}")
         if self.edge not in EDGE_MODES:
             raise UserInputError(f"--edge must be one of {', '.join(EDGE_MODES)}, got {self.edge!r}")
         if self.norm_target not in ("slide", "dataset"):
@@ -100,8 +103,11 @@ class PrepareConfig:
 
 # --------------------------------------------------------------------------- staging / resume
 def _params_hash(cfg: PrepareConfig, jobs: list[SlideJob], class_map: dict | None) -> str:
+    config = dataclasses.asdict(cfg)
+    if not cfg.stratify:
+        del config["stratify"]  # datasets prepared before the option existed keep their hash
     payload = {
-        "config": dataclasses.asdict(cfg),
+        "config": config,
         "class_map": class_map,
         "slides": [
             [j.stem, j.path.stat().st_size, j.annotation_kind,
@@ -448,8 +454,10 @@ def prepare_dataset(
             "no ROI passed the tissue threshold; lower --min-tissue or check --roi-size", input_dir
         )
 
-    split_of_group = assign_splits([j.group for j in jobs], cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    split_of_group = assign_splits([j.group for j in jobs], cfg.val_fraction, cfg.test_fraction, cfg.seed,
+                                   composition=group_composition(rows, CLASS_NAMES) if cfg.stratify else None)
     counts = write_manifest(staging, rows, split_of_group)
+    log(split_mix_line(rows))
     num_unlabelled = sum(not r["labelled"] for r in rows)
     meta = {
         "format": DATASET_FORMAT,
