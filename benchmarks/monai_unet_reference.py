@@ -5,9 +5,9 @@ number of optimizer steps. This script answers the other question a user asks: w
 fast, off-the-shelf ``monai.networks.nets.UNet`` reach on the same patches, the same patient split,
 the same labelled subset and the same metrics, given a number of steps *or a wall-clock budget*?
 
-It trains with the segmentation stage's own pieces (paper augmentation ``augment_batch``, label
-draw ``choose_labelled`` by slide, ``predict_dataset`` / the metrics module), keeps the checkpoint
-with the best validation Dice, and scores it on the test split.
+The training itself lives in :mod:`diffusiondci.train.monai_reference` (also the ``monai_unet``
+method of ``experiment label-budget``): the segmentation stage's own augmentation, label draw by
+slide and metrics, the checkpoint with the best validation Dice, scored on the test split.
 
     python benchmarks/monai_unet_reference.py --data DATASET [--labelled 0,16] [--seeds 0,1,2]
         [--steps 100] [--seconds 120] [--out bench_output/monai_unet.json]
@@ -20,89 +20,23 @@ std over seeds) and writes every run's scores as JSON.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import UNet
-from torch.utils.data import Subset
 
-from diffusiondci.config import build, load_section
-from diffusiondci.data.patch_dataset import PatchDataset
-from diffusiondci.train.segmentation import (
-    SegConfig,
-    augment_batch,
-    choose_labelled,
-    labelled_groups,
-    predict_dataset,
-)
-
-
-def stack(dataset, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    items = [dataset[i] for i in indices]
-    return torch.stack([it["image"] for it in items]), torch.stack([it["mask"] for it in items]).long()
-
-
-def make_unet() -> UNet:
-    """The reference network: a small off-the-shelf MONAI U-Net."""
-    return UNet(spatial_dims=2, in_channels=3, out_channels=3, channels=(16, 32, 64, 128), strides=(2, 2, 2),
-                num_res_units=2)
+from diffusiondci.train.monai_reference import make_reference_unet, train_reference
 
 
 def train_one(data: Path, labelled: int | None, seed: int, steps: int | None, seconds: float | None,
               val_every: int, batch_size: int, lr: float, return_net: bool = False,
               tta: str = "none") -> dict | tuple[dict, UNet]:
-    """One run; its scores (and, with ``return_net``, the trained network with the best validation Dice).
-    With ``tta`` other than ``none`` the test split is also scored under that test-time augmentation
-    (``record["tta"]``), as DiffusionDCI's segmenters are by default."""
-    torch.manual_seed(seed)
-    cfg = build(SegConfig, load_section("tiny", "seg"), seed=seed)
-    real = PatchDataset(data, splits=("train",), with_masks=True, labelled_only=True)
-    chosen = choose_labelled(real.ids, labelled, seed, labelled_groups(real, "slide"))
-    x_all, y_all = stack(real, chosen)
-    val = PatchDataset(data, splits=("val",), with_masks=True, labelled_only=True)
-    test = PatchDataset(data, splits=("test",), with_masks=True, labelled_only=True)
-    net = make_unet()
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    best, best_state, step, start = -1.0, None, 0, time.perf_counter()
-    train_s = 0.0
-    while True:
-        if steps is not None and step >= steps:
-            break
-        if seconds is not None and train_s >= seconds:
-            break
-        t0 = time.perf_counter()
-        idx = torch.randint(0, len(chosen), (batch_size,), generator=gen)
-        x, y = augment_batch(x_all[idx], y_all[idx], cfg, gen)
-        loss = F.cross_entropy(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        step += 1
-        train_s += time.perf_counter() - t0
-        if step % val_every == 0:
-            dice = predict_dataset(net, val).compute()["mean_dice"] or 0.0
-            if dice > best:
-                best, best_state = dice, copy.deepcopy(net.state_dict())
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    scores = predict_dataset(net, test).compute()
-    record = {"labelled": "all" if labelled is None else labelled, "seed": seed, "steps": step,
-              "train_s": round(train_s, 1), "wall_s": round(time.perf_counter() - start, 1),
-              "labelled_patches": len(chosen), "val_dice": round(best, 4),
-              "mean_dice": scores["mean_dice"], "mean_iou": scores["mean_iou"], "accuracy": scores["accuracy"],
-              "dataset_dice": scores["dataset"]["mean_dice"], "dataset_iou": scores["dataset"]["mean_iou"],
-              "dice_per_class": scores["dice_per_class"]}
-    if tta != "none":
-        with_tta = predict_dataset(net, test, tta=tta).compute()
-        record["tta"] = {"mode": tta, "mean_dice": with_tta["mean_dice"], "dataset_dice": with_tta["dataset"]["mean_dice"],
-                         "dice_per_class": with_tta["dice_per_class"]}
-    return (record, net.eval()) if return_net else record
+    """One run (:func:`diffusiondci.train.monai_reference.train_reference`); its record, and with
+    ``return_net`` the trained network with the best validation Dice."""
+    record, _, net = train_reference(data, labelled, seed, steps, seconds, val_every, batch_size, lr, tta=tta)
+    return (record, net) if return_net else record
 
 
 def independent_net(data: Path, steps: int, cache: Path | None = None) -> tuple[dict, UNet]:
@@ -113,7 +47,7 @@ def independent_net(data: Path, steps: int, cache: Path | None = None) -> tuple[
     if cache is not None and cache.exists() and meta.exists():
         record = json.loads(meta.read_text())
         if record.get("data") == str(Path(data).resolve()) and record.get("steps") == steps:
-            net = make_unet()
+            net = make_reference_unet()
             net.load_state_dict(torch.load(cache, map_location="cpu", weights_only=True))
             return record, net.eval()
     record, net = train_one(data, None, 0, steps, None, 50, 12, 1e-3, return_net=True)

@@ -15,7 +15,7 @@ from tests.test_dsdm import build_inputs, conditional_run
 
 MINIMAL = dict(seeds=[0], encoder_steps=1, dsdm_steps=1, seg_steps=1, sample_steps=2, n_eval=4, diversity_masks=2,
                diversity_samples=2, ratios=[0.0, 0.5], budgets=[4, 0], label_unit="patch", probe_steps=2,
-               probe_blocks=[1, 2], probe_timesteps=[100, 500])
+               probe_blocks=[1, 2], probe_timesteps=[100, 500], monai_steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +75,11 @@ def test_experiment_runs_end_to_end(name, shared, tmp_path, monkeypatch):
         assert ("dci_labelled_only", "all") in methods
         gains = {(r["method"], r["labelled"]) for r in rows(out / "paired.csv")}
         assert gains == methods - {("plain_unet", "4"), ("plain_unet", "all")}
+        assert ("monai_unet", "4") in methods and ("monai_unet", "all") in methods
+        vs_monai = {(r["method"], r["labelled"]) for r in rows(out / "paired_vs_monai.csv")}
+        assert vs_monai == {m for m in methods if m[0] not in ("plain_unet", "monai_unet")}
+        monai_runs = list((shared["assets"] / "monai_runs").glob("monai_unet_n4_s0_*/scores.json"))
+        assert len(monai_runs) == 1 and json.loads(monai_runs[0].read_text())["record"]["steps"] == 2
     if name in ("table1", "table2"):
         assert all(r["fd_encoder_mean"] for r in summary) and all(r["miou_generated_mean"] for r in summary)
         assert all(r["fd_encoder_real_mean"] for r in summary) and all(r["miou_real_mean"] for r in summary)
@@ -157,8 +162,31 @@ def test_label_budget_trains_only_the_methods_asked_for(tmp_path, monkeypatch):
     got = rows(tmp_path / "lb" / "results.csv")
     assert {r["method"] for r in got} == {"plain_unet", "dci_with_unlabelled_synthetic"}
     assert all(float(r["dataset_dice"]) == 0.6 for r in got)
+    assert not (tmp_path / "lb" / "paired_vs_monai.csv").exists()
+
+    # asking for the MONAI reference trains it on the same view, and pairs the others with it too
+    monai: list[tuple[str, Path, int]] = []
+
+    def fake_monai(self, name, data, seed):
+        monai.append((name, data, seed))
+        return {"mean_dice": 0.45, "mean_iou": 0.3, "dataset": {"mean_dice": 0.5, "mean_iou": 0.35}}
+
+    monkeypatch.setattr(experiments._Ctx, "monai", fake_monai)
+    trained.clear()
+    cfg = ExperimentConfig(seeds=[0], budgets=[2], budget_methods=["dci_with_unlabelled", "monai_unet"])
+    ctx = experiments._Ctx("label-budget", tmp_path, tmp_path / "lb2", tmp_path / "assets", "tiny", cfg,
+                           log=lambda m: None)
+    ctx.out.mkdir()
+    experiments.label_budget(ctx)
+    assert [n.split("_n")[0] for n in trained] == ["plain_unet", "dci_with_unlabelled"]
+    assert monai == [("monai_unet_n2_s0", tmp_path / "lb2" / "views" / "n2_s0", 0)]
+    vs = rows(tmp_path / "lb2" / "paired_vs_monai.csv")
+    assert [r["method"] for r in vs] == ["dci_with_unlabelled"]
+    assert float(vs[0]["dataset_dice_gain_mean"]) == pytest.approx(0.1) and vs[0]["dataset_dice_wins"] == "1/1"
     with pytest.raises(UserInputError, match="budget_methods"):
         ExperimentConfig(budget_methods=["dci_everything"])
+    with pytest.raises(UserInputError, match="monai_steps"):
+        ExperimentConfig(monai_steps=0)
 
 
 def test_experiment_samples_use_ddim_whatever_the_preset_sampler(tmp_path, monkeypatch):

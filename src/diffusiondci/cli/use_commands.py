@@ -181,7 +181,8 @@ def experiment(
     ratios: Annotated[Optional[str], typer.Option(help="fig6: synthetic ratios, comma-separated (e.g. 0,0.5,1).", show_default=_from_preset("experiment", "ratios"))] = None,
     budgets: Annotated[Optional[str], typer.Option(help="label-budget: N labelled training slides (source images), comma-separated; 0 = all.", show_default=_from_preset("experiment", "budgets"))] = None,
     label_unit: Annotated[Optional[str], typer.Option(help="label-budget: what N counts, slide | patch.", show_default=_from_preset("experiment", "label_unit"))] = None,
-    budget_methods: Annotated[Optional[str], typer.Option(help="label-budget: methods besides the plain U-Net, comma-separated (dci_labelled_only, dci_with_unlabelled, dci_with_unlabelled_synthetic).", show_default=_from_preset("experiment", "budget_methods", none="all"))] = None,
+    budget_methods: Annotated[Optional[str], typer.Option(help="label-budget: methods besides the plain U-Net, comma-separated (dci_labelled_only, dci_with_unlabelled, dci_with_unlabelled_synthetic, monai_unet).", show_default=_from_preset("experiment", "budget_methods", none="all"))] = None,
+    monai_steps: Annotated[Optional[int], typer.Option(help="label-budget: training steps of the MONAI reference U-Net.", show_default=_from_preset("experiment", "monai_steps"))] = None,
     n_eval: Annotated[Optional[int], typer.Option(help="table1/table2: test masks to condition on.", show_default=_from_preset("experiment", "n_eval"))] = None,
     assets: Annotated[Optional[Path], typer.Option(help="Folder for shared models (encoder, DSDM, synthetic pairs).")] = None,
     dsdm: Annotated[Optional[Path], typer.Option(help="Reuse this DSDM run instead of training one.")] = None,
@@ -200,13 +201,13 @@ def experiment(
             raise UserInputError(f"expected comma-separated numbers, got {text!r}") from None
 
     for flag, value in (("--seg-steps", seg_steps), ("--dsdm-steps", dsdm_steps), ("--encoder-steps", encoder_steps),
-                        ("--sample-steps", sample_steps), ("--n-eval", n_eval)):
+                        ("--sample-steps", sample_steps), ("--n-eval", n_eval), ("--monai-steps", monai_steps)):
         _at_least(flag, value, 1)
     cfg = _build(
         ExperimentConfig, load_section(preset, "experiment"), "experiment", None, seeds=_ints(seeds), seg_steps=seg_steps,
         dsdm_steps=dsdm_steps, encoder_steps=encoder_steps, sample_steps=sample_steps, sample_sampler=sample_sampler,
         ratios=floats(ratios),
-        budgets=_ints(budgets), label_unit=label_unit, n_eval=n_eval,
+        budgets=_ints(budgets), label_unit=label_unit, n_eval=n_eval, monai_steps=monai_steps,
         budget_methods=[m.strip() for m in budget_methods.split(",") if m.strip()] if budget_methods else None, inception=str(inception) if inception else None,
     )
     folder = run_experiment(name, data, out, preset, cfg, assets=assets, dsdm=dsdm, encoder=encoder, log=typer.echo)

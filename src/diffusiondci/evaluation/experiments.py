@@ -17,8 +17,9 @@ reused, unfinished ones resumed, so an interrupted experiment continues where it
 ``table6``         baselines in one harness: plain U-Net, denoising U-Net, ddpm-segmentation pixel
                    classifier, DiffusionDCI (CAA + synthetic pairs)
 ``label-budget``   N labelled images in {8, 16, 32, all}: plain U-Net vs DiffusionDCI with DSDM trained
-                   on labelled only / + unlabelled images, with and without synthetic pairs; also
-                   ``paired.csv``: each method's gain over the plain U-Net of the same seed (same slides)
+                   on labelled only / + unlabelled images, with and without synthetic pairs, and the
+                   MONAI reference U-Net on the same draw; also ``paired.csv`` (each method's gain over
+                   the plain U-Net of the same seed, hence the same slides) and ``paired_vs_monai.csv``
 =================  ================================================================================
 """
 
@@ -61,8 +62,9 @@ METRICS = ("mean_dice", "mean_iou", "mean_precision", "mean_recall", "accuracy",
 GENERATION_METRICS = tuple(k for k in SCORE_KEYS if k != "n_eval")
 
 #: label-budget methods: DiffusionDCI with a DSDM trained on the labelled images only, or on every
-#: training image (unlabelled ones with the null mask), the latter also with synthetic pairs
-BUDGET_METHODS = ("dci_labelled_only", "dci_with_unlabelled", "dci_with_unlabelled_synthetic")
+#: training image (unlabelled ones with the null mask), the latter also with synthetic pairs; and the
+#: off-the-shelf MONAI U-Net (:mod:`~diffusiondci.train.monai_reference`) on the same labelled draw
+BUDGET_METHODS = ("dci_labelled_only", "dci_with_unlabelled", "dci_with_unlabelled_synthetic", "monai_unet")
 
 
 @dataclass
@@ -84,6 +86,7 @@ class ExperimentConfig:
     #: label-budget methods besides the plain U-Net (always trained: the paired baseline); None = all
     budget_methods: list[str] | None = None
     label_unit: str = "slide"  # label-budget: N counts slides (source images, all their patches) | patches
+    monai_steps: int = 2500  # label-budget's MONAI U-Net: optimizer steps (batch 12, best validation checkpoint)
     table6_ratio: float = 0.5
     probe_steps: int | None = None
     probe_blocks: list[int] | None = None  # None: the probe section's (all blocks)
@@ -105,6 +108,8 @@ class ExperimentConfig:
             if unknown:
                 raise UserInputError(f"experiment.budget_methods: unknown {', '.join(unknown)}; "
                                      f"use any of {', '.join(BUDGET_METHODS)}")
+        if isinstance(self.monai_steps, bool) or not isinstance(self.monai_steps, int) or self.monai_steps < 1:
+            raise UserInputError(f"experiment.monai_steps must be a positive integer, got {self.monai_steps!r}")
         if self.label_unit not in ("slide", "patch"):
             raise UserInputError(f"experiment.label_unit must be slide or patch, got {self.label_unit!r}")
 
@@ -176,6 +181,28 @@ class _Ctx:
         settings = {"data": data, "preset": self.preset, "steps": self.cfg.seg_steps, **kw}
         run = self._shared("seg_runs", name, settings)
         scores = ensure_seg(data, run, self.preset, self.cfg.seg_steps, log=self.log, **kw)
+        self._link(name, run)
+        return scores
+
+    def monai(self, name: str, data: Path, seed: int) -> dict[str, Any]:
+        """Scores of the MONAI reference U-Net on all labelled training patches of ``data`` (a label
+        budget's view), trained for ``monai_steps`` and scored with the preset's test-time augmentation
+        like the segmenters; kept as ``assets/monai_runs/<name>_<hash>/scores.json`` and shared."""
+        from ..config import build, load_section
+        from ..train.monai_reference import train_reference
+        from ..train.seg_config import SegConfig
+
+        tta = build(SegConfig, load_section(self.preset, "seg")).tta
+        settings = {"data": data, "preset": self.preset, "steps": self.cfg.monai_steps, "seed": seed, "tta": tta}
+        run = self._shared("monai_runs", name, settings)
+        done = run / "scores.json"
+        if done.is_file():
+            return json.loads(done.read_text())["scores"]
+        self.log(f"training the MONAI reference U-Net -> {run}")
+        record, scores, _ = train_reference(data, None, seed, steps=self.cfg.monai_steps, tta=tta, preset=self.preset)
+        run.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(done, {"settings": {k: str(v) for k, v in settings.items()}, "record": record,
+                                 "scores": scores})
         self._link(name, run)
         return scores
 
@@ -353,6 +380,9 @@ def label_budget(ctx: _Ctx) -> None:
                             init="scratch", seed=s)
             rows.append({**common, "method": "plain_unet", **score_row(plain)})
             wanted = set(ctx.cfg.budget_methods or BUDGET_METHODS)
+            if "monai_unet" in wanted:
+                scores = ctx.monai(ctx.name_of("monai_unet", f"n{label}", f"s{s}"), view, s)
+                rows.append({**common, "method": "monai_unet", **score_row(scores)})
             variants = [("dci_labelled_only", False)] + ([("dci_with_unlabelled", True)] if n_eff is not None else [])
             if n_eff is not None:  # with every label both DSDMs are the experiment's one DSDM
                 variants = [(m, unl) for m, unl in variants if m in wanted or f"{m}_synthetic" in wanted]
@@ -383,9 +413,15 @@ def label_budget(ctx: _Ctx) -> None:
     summary = _finish(ctx, rows, ["method", "labelled"])
     gains = paired_gain(rows, "method", "plain_unet", within=("labelled",))
     write_rows(ctx.out / "paired.csv", gains)
-    for r in gains:
-        ctx.log(f"  {r['method']} vs plain_unet, N={r['labelled']}: Dice gain {r['mean_dice_gain_mean']}"
-                f"±{r['mean_dice_gain_std']}, above it in {r['mean_dice_wins']} seeds")
+    vs_monai = paired_gain([r for r in rows if r["method"] != "plain_unet"], "method", "monai_unet",
+                           within=("labelled",))
+    if vs_monai:
+        write_rows(ctx.out / "paired_vs_monai.csv", vs_monai)
+    for baseline, table in (("plain_unet", gains), ("monai_unet", vs_monai)):
+        for r in table:
+            ctx.log(f"  {r['method']} vs {baseline}, N={r['labelled']}: pooled Dice gain "
+                    f"{r['dataset_dice_gain_mean']}±{r['dataset_dice_gain_std']} (above it in "
+                    f"{r['dataset_dice_wins']} seeds), per-image {r['mean_dice_gain_mean']} ({r['mean_dice_wins']})")
     line_plot(summary, "labelled", "mean_dice", ctx.out / "label_budget.png", "Label budget: test Dice vs N",
               xlabel=f"labelled training {unit}s N", group="method")
 
