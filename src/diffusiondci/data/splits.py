@@ -80,17 +80,13 @@ def assign_splits(
     if missing:
         raise ValueError(f"no composition for groups {missing[:5]}")
     matrix = {g: np.asarray(composition[g], dtype=float) for g in unique}
-    total = np.sum(list(matrix.values()), axis=0)
     fractions = {"val": val_fraction, "test": test_fraction}
     best, best_cost = None, float("inf")
     for _ in range(max(int(candidates), 1)):
         split = _deal(unique, val_fraction, test_fraction)
-        parts = {name: sum((matrix[g] for g, s in split.items() if s == name), np.zeros_like(total))
-                 for name in fractions}
-        cost = _imbalance(parts, total, fractions)
+        cost = split_imbalance(split, matrix, fractions)
         if cost < best_cost - 1e-12:
             best, best_cost = split, cost
-        unique = unique[:]
         rng.shuffle(unique)
     return best
 
@@ -118,18 +114,12 @@ def split_imbalance(split: Mapping[str, str], composition: Mapping[str, Sequence
     the gap between its share of patches and the wanted fraction. 0 is perfect."""
     rows = {g: np.asarray(v, dtype=float) for g, v in composition.items() if g in split}
     total = np.sum(list(rows.values()), axis=0)
-    parts = {name: sum((rows[g] for g, s in split.items() if s == name), np.zeros_like(total))
-             for name in fractions}
-    return _imbalance(parts, total, fractions)
-
-
-def _imbalance(parts: Mapping[str, np.ndarray], total: np.ndarray, fractions: Mapping[str, float]) -> float:
     mix = total[1:] / max(total[1:].sum(), 1e-12)
     cost = 0.0
     for name, wanted in fractions.items():
         if wanted <= 0:
             continue
-        part = parts[name]
+        part = sum((rows[g] for g, s in split.items() if s == name), np.zeros_like(total))
         part_mix = part[1:] / part[1:].sum() if part[1:].sum() > 0 else np.zeros_like(mix)
         cost += 0.5 * float(np.abs(part_mix - mix).sum()) + abs(part[0] / max(total[0], 1e-12) - wanted)
     return cost

@@ -196,15 +196,15 @@ class _Ctx:
         settings = {"data": data, "preset": self.preset, "steps": self.cfg.monai_steps, "seed": seed, "tta": tta}
         run = self._shared("monai_runs", name, settings)
         done = run / "scores.json"
-        if done.is_file():
-            return json.loads(done.read_text())["scores"]
-        self.log(f"training the MONAI reference U-Net -> {run}")
-        record, scores, _ = train_reference(data, None, seed, steps=self.cfg.monai_steps, tta=tta, preset=self.preset)
-        run.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(done, {"settings": {k: str(v) for k, v in settings.items()}, "record": record,
-                                 "scores": scores})
+        if not done.is_file():
+            self.log(f"training the MONAI reference U-Net -> {run}")
+            record, scores, _ = train_reference(data, None, seed, steps=self.cfg.monai_steps, tta=tta,
+                                                preset=self.preset)
+            run.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(done, {"settings": {k: str(v) for k, v in settings.items()}, "record": record,
+                                     "scores": scores})
         self._link(name, run)
-        return scores
+        return json.loads(done.read_text())["scores"]
 
     def dsdm_variant(self, name: str, data: Path, encoder: Path | None, seed: int, **overrides: Any) -> Path:
         """A DSDM trained with the experiment's budget and ``overrides`` of the preset, shared like
