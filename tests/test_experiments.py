@@ -190,12 +190,12 @@ def test_label_budget_trains_only_the_methods_asked_for(tmp_path, monkeypatch):
 
 
 def test_experiment_samples_use_ddim_whatever_the_preset_sampler(tmp_path, monkeypatch):
-    """The tiny preset's `sample` default is 25-step SDE DPM-Solver++; synthetic pairs of experiments and the
-    demo keep DDIM at their own step count (what their figures were measured with)."""
+    """The tiny preset's `sample` default is 25-step SDE DPM-Solver++ on Karras sigmas; synthetic pairs
+    of experiments and the demo keep DDIM at their own step count (what their figures were measured with)."""
     import diffusiondci.diffusion.pipeline as pipeline
     from diffusiondci.evaluation.experiment_runs import ensure_samples
 
-    assert load_section("tiny", "sample")["sampler"] == "dpmpp_sde"
+    assert load_section("tiny", "sample")["sampler"] == "dpmpp_sde_karras"
     seen = []
     monkeypatch.setattr(pipeline, "sample_to_folder", lambda dsdm, masks, out, cfg, **kw: seen.append(cfg))
     ensure_samples(tmp_path / "dsdm", tmp_path / "data", tmp_path / "out", "tiny", 10, log=lambda m: None)

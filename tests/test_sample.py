@@ -81,7 +81,7 @@ def test_guidance_zero_is_the_conditional_sampler(random_net, conditions):
     assert not torch.equal(got, guided)
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp", "dpmpp_sde_karras"])
 def test_seeded_sampling_is_reproducible(random_net, conditions, sampler):
     masks, refs = conditions
     sched = DiffusionSchedule(1000)

@@ -134,6 +134,40 @@ def test_dpmpp_sde_with_gaussian_oracle_approximates_data_distribution():
     assert not torch.allclose(out, det)  # the same x_T, other paths: the noise is really used
 
 
+def test_dpmpp_karras_runs_its_repeated_timesteps_and_approximates_data_distribution():
+    """Karras sigmas of the cosine schedule round to repeated timesteps near T; the sampler still
+    takes exactly ``steps`` evaluations in non-increasing t down to 0, and with exact ε on Gaussian
+    data lands near the data law (stochastic and deterministic forms)."""
+    mu, s, steps = 0.1, 0.2, 25
+    sched = DiffusionSchedule(1000)
+    noise = torch.randn(20_000, 1, 1, 1, generator=torch.Generator().manual_seed(4))
+    for stochastic in (False, True):
+        calls: list[torch.Tensor] = []
+        oracle = _gaussian_oracle(sched, sched, mu, s)
+
+        def counted(x, t, oracle=oracle, calls=calls):
+            calls.append(t.clone())
+            return oracle(x, t)
+
+        out = dpmpp_sample(counted, sched, noise.shape, torch.Generator().manual_seed(0), steps=steps,
+                           clip_denoised=False, noise=noise, stochastic=stochastic, karras=True)
+        seen = [int(t[0]) for t in calls]
+        assert len(seen) == steps and seen == sorted(seen, reverse=True) and seen[-1] == 0
+        assert len(set(seen)) < steps  # the repeats that made diffusers run past its last sigma
+        assert abs(float(out.mean()) - mu) < 0.01 and abs(float(out.std()) - s) < 0.02, (stochastic, out.std())
+
+
+def test_dpmpp_karras_is_another_schedule_than_even_time_steps():
+    sched = DiffusionSchedule(1000)
+    runs = {}
+    for karras in (False, True):
+        calls: list[torch.Tensor] = []
+        dpmpp_sample(_point_oracle(sched, calls), sched, (1, 1, 2, 2), torch.Generator().manual_seed(0), steps=10,
+                     karras=karras)
+        runs[karras] = [int(t[0]) for t in calls]
+    assert runs[False] != runs[True] and runs[True][0] == 999
+
+
 def test_dpmpp_is_deterministic_and_needs_the_full_schedule():
     sched = DiffusionSchedule(200)
     noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))

@@ -27,7 +27,7 @@ from .schedule import DiffusionSchedule
 __all__ = ["DDIM_DEFAULT_STEPS", "SAMPLERS", "batch_generator", "check_sampler", "generate", "generate_batch",
            "guided_model_fn", "in_precision"]
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp", "dpmpp_sde")
+SAMPLERS = ("ddpm", "ddim", "dpmpp", "dpmpp_sde", "dpmpp_karras", "dpmpp_sde_karras")
 DDIM_DEFAULT_STEPS = 50
 
 
@@ -109,9 +109,9 @@ def generate_batch(
     )
     if sampler == "ddpm":
         return ddpm_sample(fn, schedule, shape, generator, steps=steps, **kw)
-    if sampler in ("dpmpp", "dpmpp_sde"):
+    if sampler.startswith("dpmpp"):
         return dpmpp_sample(fn, schedule, shape, generator, steps=steps or DDIM_DEFAULT_STEPS,
-                            stochastic=sampler == "dpmpp_sde", **kw)
+                            stochastic="_sde" in sampler, karras=sampler.endswith("_karras"), **kw)
     return ddim_sample(fn, schedule, shape, generator, steps=steps or DDIM_DEFAULT_STEPS, eta=eta, **kw)
 
 
@@ -143,7 +143,8 @@ def generate(
         masks: ``(N, H, W)`` integer labels at the model's patch size.
         refs: ``(N, D)`` reference embeddings (None: the NULL reference).
         sampler: ``"ddpm"`` (ancestral, learned variance), ``"ddim"`` (eta = ``eta``), ``"dpmpp"``
-            (DPM-Solver++(2M)) or ``"dpmpp_sde"`` (its stochastic form).
+            (DPM-Solver++(2M)) or ``"dpmpp_sde"`` (its stochastic form); ``_karras`` after either
+            puts its steps on Karras et al.'s sigma schedule.
         steps: sampling steps; None = all T for DDPM, 50 for the others (respaced otherwise).
         guidance: s of eq. 17 (0 = the conditional prediction alone).
         seed: batch ``b`` uses a CPU generator seeded from ``(seed, b)``.

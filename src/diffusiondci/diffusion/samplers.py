@@ -201,13 +201,15 @@ def dpmpp_sample(
     intermediate_fractions: Sequence[float] = DEFAULT_FRACTIONS,
     intermediate_kind: str = "pred_x0",
     stochastic: bool = False,
+    karras: bool = False,
 ):
     """DPM-Solver++(2M) in ``steps`` network evaluations (diffusers' ``DPMSolverMultistepScheduler``
-    on this schedule's betas, timesteps spread evenly from T-1 down, first order at the last step):
-    deterministic, or with ``stochastic`` its SDE form (``sde-dpmsolver++``, Lu et al. 2022), whose
-    fresh noise per step comes from ``generator``. ``clip_denoised`` clamps its x̂_0 to [−1, 1]
-    (diffusers' thresholding with a maximum of 1). ``schedule`` must be the full training
-    schedule, not a respaced one."""
+    on this schedule's betas, first order at the last step): deterministic, or with ``stochastic``
+    its SDE form (``sde-dpmsolver++``, Lu et al. 2022), whose fresh noise per step comes from
+    ``generator``. The noise levels are spread evenly in time from T-1 down, or with ``karras`` on
+    Karras et al. (2022)'s sigma schedule (rho = 7), which puts more of the steps at both ends.
+    ``clip_denoised`` clamps its x̂_0 to [−1, 1] (diffusers' thresholding with a maximum of 1).
+    ``schedule`` must be the full training schedule, not a respaced one."""
     from diffusers import DPMSolverMultistepScheduler
 
     if steps < 1:
@@ -221,9 +223,12 @@ def dpmpp_sample(
             num_train_timesteps=schedule.num_timesteps, trained_betas=schedule.betas.double().cpu().numpy(),
             solver_order=2, algorithm_type="sde-dpmsolver++" if stochastic else "dpmsolver++",
             prediction_type="epsilon", thresholding=clip_denoised,
-            sample_max_value=1.0, lower_order_final=True,
+            sample_max_value=1.0, lower_order_final=True, use_karras_sigmas=karras,
         )
         solver.set_timesteps(steps, device=device)
+        # Karras sigmas of the cosine schedule round to repeated timesteps near T (999, 999, ...);
+        # diffusers would then start at the second 999 and step past its last sigma
+        solver.set_begin_index(0)
     n, channels = x.shape[0], x.shape[1]
     loop = _Loop(len(solver.timesteps), progress, return_intermediates, intermediate_fractions, intermediate_kind)
     for k, step_t in enumerate(solver.timesteps):

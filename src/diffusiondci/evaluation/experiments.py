@@ -76,7 +76,7 @@ class ExperimentConfig:
     dsdm_steps: int | None = None
     seg_steps: int | None = None
     sample_steps: int = 10  # sampler steps of the synthetic pairs and of the generator scores
-    sample_sampler: str = "ddim"  # their sampler (ddim | ddpm | dpmpp | dpmpp_sde)
+    sample_sampler: str = "ddim"  # their sampler (any of diffusion.generate.SAMPLERS)
     n_eval: int = 48  # test masks conditioned on in table1/table2
     diversity_masks: int = 8
     diversity_samples: int = 3
