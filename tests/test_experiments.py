@@ -200,3 +200,99 @@ def test_experiment_samples_use_ddim_whatever_the_preset_sampler(tmp_path, monke
     monkeypatch.setattr(pipeline, "sample_to_folder", lambda dsdm, masks, out, cfg, **kw: seen.append(cfg))
     ensure_samples(tmp_path / "dsdm", tmp_path / "data", tmp_path / "out", "tiny", 10, log=lambda m: None)
     assert [(c.sampler, c.steps) for c in seen] == [("ddim", 10)]
+
+
+def test_pseudo_layouts_are_the_segmenters_masks_of_unannotated_patches(tmp_path_factory, tmp_path, monkeypatch):
+    """pseudo_layouts: `count` seeded unannotated training patches, each with the mask the segmenter
+    predicts for *that* patch (here: the argmax of its RGB channels), as a dataset whose paired
+    references are the real patches; finished folders are reused without predicting again."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import torch
+
+    from diffusiondci.data.imageio import read_mask, read_rgb
+    from diffusiondci.data.patch_dataset import read_manifest
+    from diffusiondci.diffusion.sample_inputs import read_sources
+    from diffusiondci.evaluation.experiment_runs import labelled_view, pseudo_layouts
+    from diffusiondci.segmentation import run as seg_run
+
+    calls = []
+
+    def fake_load(run_dir, device=None, **kw):
+        calls.append(Path(run_dir))
+        return SimpleNamespace(checkpoint=Path(run_dir) / "best", predict=lambda x: x.clone())  # logits = RGB
+
+    monkeypatch.setattr(seg_run, "load_segmenter", fake_load)
+    data = build_inputs(tmp_path_factory.getbasetemp() / "dsdm_shared")["data"]  # no DSDM needed
+    view, chosen = labelled_view(data, tmp_path / "view", 2, 0, "patch")
+    rows = read_manifest(view)
+    pool = {r["id"] for r in rows if r["split"] == "train" and r["labelled"] == "0"}
+    assert len(pool) > 3 and not pool & set(chosen)
+
+    out = pseudo_layouts(tmp_path / "seg", view, tmp_path / "layouts", 3, seed=5)
+    got = read_manifest(out)
+    assert len(got) == 3 and {r["id"] for r in got} <= pool
+    assert all(r["labelled"] == "1" and r["split"] == "train" for r in got)
+    for r in got:
+        rgb = read_rgb(view / "images" / f"{r['id']}.png")
+        want = torch.from_numpy(rgb.astype(np.float32)).argmax(-1).numpy().astype(np.uint8)
+        mask = read_mask(out / "masks" / f"{r['id']}.png")
+        assert np.array_equal(mask, want)
+        assert float(r["frac_malignant"]) == pytest.approx(float((want == 2).mean()), abs=1e-4)
+    sources, meta = read_sources(out, int(got[0]["patch_size"]), "train")
+    assert [s.image_path.resolve() for s in sources] == [(view / "images" / f"{r['id']}.png").resolve() for r in got]
+    assert meta["pseudo_layouts"]["count"] == 3 and meta["pseudo_layouts"]["seed"] == 5
+
+    assert pseudo_layouts(tmp_path / "seg", view, out, 3, seed=5) == out and len(calls) == 1  # reused
+    again = pseudo_layouts(tmp_path / "seg", view, tmp_path / "layouts2", 3, seed=5)
+    assert [r["id"] for r in read_manifest(again)] == [r["id"] for r in got]  # seeded
+    everything = pseudo_layouts(tmp_path / "seg", view, tmp_path / "all", 10_000, seed=5)
+    assert {r["id"] for r in read_manifest(everything)} == pool
+    with pytest.raises(UserInputError, match="unlabelled"):
+        pseudo_layouts(tmp_path / "seg", data, tmp_path / "none", 3)
+
+
+def test_label_budget_pseudo_pairs_come_from_the_labellers_masks(tmp_path, monkeypatch):
+    """dci_with_unlabelled_pseudo: the dci_with_unlabelled segmenter labels ratio x N unannotated
+    patches, the DSDM renders them, and a CAA segmenter trains with those pairs; not in the defaults."""
+    from types import SimpleNamespace
+
+    from diffusiondci.data import patch_dataset
+    from diffusiondci.evaluation import experiments
+
+    trained: list[tuple[str, dict]] = []
+    layouts: list[tuple] = []
+    samples: list[tuple] = []
+    fake_train = SimpleNamespace(ids=[f"p{i}" for i in range(6)], groups=[f"s{i}" for i in range(6)])
+    monkeypatch.setattr(patch_dataset, "PatchDataset", lambda *a, **k: fake_train)
+    monkeypatch.setattr("diffusiondci.train.seg_data.labelled_groups", lambda ds, unit: ds.groups)
+    monkeypatch.setattr(experiments, "labelled_view", lambda data, out, n, seed, unit: (out, ["p0", "p1", "p2"]))
+    monkeypatch.setattr(experiments, "pseudo_layouts",
+                        lambda seg, view, out, count, seed: layouts.append((seg, view, count, seed)) or out)
+    monkeypatch.setattr(experiments, "ensure_samples",
+                        lambda dsdm, masks, out, *a, **k: samples.append((masks, k["split"])) or out)
+    monkeypatch.setattr(experiments._Ctx, "encoder_run", lambda self: tmp_path / "enc")
+    monkeypatch.setattr(experiments._Ctx, "dsdm_variant", lambda self, name, *a, **k: tmp_path / name)
+
+    def fake_seg(self, name, **kw):
+        trained.append((name, kw))
+        return {"mean_dice": 0.5, "mean_iou": 0.4, "dataset": {"mean_dice": 0.6, "mean_iou": 0.45}}
+
+    monkeypatch.setattr(experiments._Ctx, "seg", fake_seg)
+    cfg = ExperimentConfig(seeds=[1], budgets=[3], budget_methods=["dci_with_unlabelled_pseudo"],
+                           budget_synthetic_ratio=2.0)
+    ctx = experiments._Ctx("label-budget", tmp_path, tmp_path / "lb", tmp_path / "assets", "tiny", cfg,
+                           log=lambda m: None)
+    ctx.out.mkdir()
+    experiments.label_budget(ctx)
+    assert [n for n, _ in trained] == ["plain_unet_n3_s1", "dci_with_unlabelled_n3_s1",
+                                       "dci_with_unlabelled_pseudo_n3_s1"]
+    view = tmp_path / "lb" / "views" / "n3_s1"
+    assert layouts == [(ctx.run("dci_with_unlabelled_n3_s1").resolve(), view, 6, 1)]
+    assert samples == [(tmp_path / "assets" / "pseudo_n3_s1_slide_r2", "train")]
+    kw = trained[-1][1]
+    assert kw["synthetic"].name.startswith("synth_pseudo_n3_s1") and kw["synthetic_ratio"] == 2.0
+    assert kw["dsdm"] == tmp_path / "dsdm_n3_s1_unl" and kw["injection"] == "caa"
+    assert {r["method"] for r in rows(tmp_path / "lb" / "results.csv")} == {"plain_unet", "dci_with_unlabelled_pseudo"}
+    assert "dci_with_unlabelled_pseudo" not in experiments.DEFAULT_BUDGET_METHODS

@@ -181,7 +181,7 @@ def experiment(
     ratios: Annotated[Optional[str], typer.Option(help="fig6: synthetic ratios, comma-separated (e.g. 0,0.5,1).", show_default=_from_preset("experiment", "ratios"))] = None,
     budgets: Annotated[Optional[str], typer.Option(help="label-budget: N labelled training slides (source images), comma-separated; 0 = all.", show_default=_from_preset("experiment", "budgets"))] = None,
     label_unit: Annotated[Optional[str], typer.Option(help="label-budget: what N counts, slide | patch.", show_default=_from_preset("experiment", "label_unit"))] = None,
-    budget_methods: Annotated[Optional[str], typer.Option(help="label-budget: methods besides the plain U-Net, comma-separated (dci_labelled_only, dci_with_unlabelled, dci_with_unlabelled_synthetic, monai_unet).", show_default=_from_preset("experiment", "budget_methods", none="all"))] = None,
+    budget_methods: Annotated[Optional[str], typer.Option(help="label-budget: methods besides the plain U-Net, comma-separated (dci_labelled_only, dci_with_unlabelled, dci_with_unlabelled_synthetic, monai_unet; dci_with_unlabelled_pseudo: pairs rendered from masks predicted on the unannotated patches, only when named).", show_default=_from_preset("experiment", "budget_methods", none="all"))] = None,
     monai_steps: Annotated[Optional[int], typer.Option(help="label-budget: training steps of the MONAI reference U-Net.", show_default=_from_preset("experiment", "monai_steps"))] = None,
     n_eval: Annotated[Optional[int], typer.Option(help="table1/table2: test masks to condition on.", show_default=_from_preset("experiment", "n_eval"))] = None,
     assets: Annotated[Optional[Path], typer.Option(help="Folder for shared models (encoder, DSDM, synthetic pairs).")] = None,

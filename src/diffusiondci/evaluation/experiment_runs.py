@@ -26,6 +26,7 @@ __all__ = [
     "ensure_samples",
     "ensure_seg",
     "labelled_view",
+    "pseudo_layouts",
     "score_row",
 ]
 
@@ -185,4 +186,56 @@ def augmented_masks(data: Path, ids: list[str], out: Path, count: int | None = N
         t = (m, m[:, ::-1], m[::-1, :], np.rot90(m))[k]
         write_png_atomic(out / f"{pid}_t{k}.png", np.ascontiguousarray(t))
     (out / "done").write_text("ok\n")
+    return out
+
+
+def pseudo_layouts(seg_run: Path, data: Path, out: Path, count: int, seed: int = 0, batch_size: int = 16) -> Path:
+    """A dataset folder of ``count`` unlabelled training patches of ``data`` (drawn with ``seed``; all
+    of them when there are fewer) with the masks that the segmenter run ``seg_run`` predicts for them
+    (its own test-time augmentation): layouts for synthetic pairs beyond the annotated masks, each
+    with its own real patch as the paired reference. The generator renders an image *from* the mask,
+    so a pair stays consistent even where the prediction is wrong for the real patch.
+
+    ``images`` links to ``data``'s images; ``masks`` holds the predictions (``<id>.png``); the
+    manifest lists the chosen patches as labelled training patches with their predicted class
+    fractions. Finished when ``dataset.json`` exists (written last)."""
+    import numpy as np
+    import torch
+
+    from ..data.imageio import write_png_atomic
+    from ..errors import UserInputError
+    from ..segmentation.run import load_segmenter
+
+    if (out / "dataset.json").is_file():
+        return out
+    train = PatchDataset(data, splits=("train",), with_masks=False, labelled_only=False, cache=False)
+    pool = [i for i, lab in enumerate(train.labelled) if not lab]
+    if not pool:
+        raise UserInputError("pseudo layouts need unlabelled training patches; the train split has none", data)
+    if count < 1:
+        raise UserInputError(f"pseudo layouts: count must be >= 1, got {count}")
+    rng = np.random.default_rng(seed)
+    chosen = sorted(int(i) for i in rng.permutation(pool)[:count])
+    seg = load_segmenter(seg_run, device="cpu")
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    link = out / "images"
+    if not link.exists():
+        link.symlink_to((data / "images").resolve(), target_is_directory=True)
+    rows = []
+    for start in range(0, len(chosen), batch_size):
+        part = chosen[start:start + batch_size]
+        images = torch.stack([train[i]["image"] for i in part])
+        pred = seg.predict(images).argmax(1).to(torch.uint8).numpy()
+        for i, m in zip(part, pred):
+            row = dict(train.rows[i])
+            write_png_atomic(out / "masks" / f"{row['id']}.png", np.ascontiguousarray(m))
+            for c, name in enumerate(("background", "benign", "malignant")):
+                row[f"frac_{name}"] = f"{float((m == c).mean()):.4f}"
+            row["labelled"] = "1"
+            rows.append(row)
+    write_manifest(out, rows, None, tuple(rows[0].keys()))
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["pseudo_layouts"] = {"segmenter": str(Path(seg_run).resolve()), "checkpoint": str(seg.checkpoint),
+                              "count": len(rows), "seed": seed, "source": str(Path(data).resolve())}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
     return out

@@ -19,7 +19,8 @@ reused, unfinished ones resumed, so an interrupted experiment continues where it
 ``label-budget``   N labelled images in {8, 16, 32, all}: plain U-Net vs DiffusionDCI with DSDM trained
                    on labelled only / + unlabelled images, with and without synthetic pairs, and the
                    MONAI reference U-Net on the same draw; also ``paired.csv`` (each method's gain over
-                   the plain U-Net of the same seed, hence the same slides) and ``paired_vs_monai.csv``
+                   the plain U-Net of the same seed, hence the same slides) and ``paired_vs_monai.csv``;
+                   on request, synthetic pairs whose masks are predicted on the unannotated patches
 =================  ================================================================================
 """
 
@@ -48,6 +49,7 @@ from .experiment_runs import (
     ensure_samples,
     ensure_seg,
     labelled_view,
+    pseudo_layouts,
     score_row,
     write_rows,
 )
@@ -63,8 +65,12 @@ GENERATION_METRICS = tuple(k for k in SCORE_KEYS if k != "n_eval")
 
 #: label-budget methods: DiffusionDCI with a DSDM trained on the labelled images only, or on every
 #: training image (unlabelled ones with the null mask), the latter also with synthetic pairs; and the
-#: off-the-shelf MONAI U-Net (:mod:`~diffusiondci.train.monai_reference`) on the same labelled draw
-BUDGET_METHODS = ("dci_labelled_only", "dci_with_unlabelled", "dci_with_unlabelled_synthetic", "monai_unet")
+#: off-the-shelf MONAI U-Net (:mod:`~diffusiondci.train.monai_reference`) on the same labelled draw.
+#: ``dci_with_unlabelled_pseudo`` (asked for by name only) takes its synthetic pairs' masks from the
+#: ``dci_with_unlabelled`` segmenter's predictions on unannotated patches (:func:`pseudo_layouts`)
+#: instead of flipped / rotated copies of the annotated masks
+DEFAULT_BUDGET_METHODS = ("dci_labelled_only", "dci_with_unlabelled", "dci_with_unlabelled_synthetic", "monai_unet")
+BUDGET_METHODS = (*DEFAULT_BUDGET_METHODS, "dci_with_unlabelled_pseudo")
 
 
 @dataclass
@@ -379,13 +385,14 @@ def label_budget(ctx: _Ctx) -> None:
             plain = ctx.seg(ctx.name_of("plain_unet", f"n{label}", f"s{s}"), data=view, dsdm=None, injection="none",
                             init="scratch", seed=s)
             rows.append({**common, "method": "plain_unet", **score_row(plain)})
-            wanted = set(ctx.cfg.budget_methods or BUDGET_METHODS)
+            wanted = set(ctx.cfg.budget_methods or DEFAULT_BUDGET_METHODS)
             if "monai_unet" in wanted:
                 scores = ctx.monai(ctx.name_of("monai_unet", f"n{label}", f"s{s}"), view, s)
                 rows.append({**common, "method": "monai_unet", **score_row(scores)})
             variants = [("dci_labelled_only", False)] + ([("dci_with_unlabelled", True)] if n_eff is not None else [])
             if n_eff is not None:  # with every label both DSDMs are the experiment's one DSDM
-                variants = [(m, unl) for m, unl in variants if m in wanted or f"{m}_synthetic" in wanted]
+                variants = [(m, unl) for m, unl in variants
+                            if m in wanted or f"{m}_synthetic" in wanted or f"{m}_pseudo" in wanted]
             for method, unl in variants:
                 if n_eff is None:  # every label used: the experiment's (shared or given) DSDM
                     dsdm = ctx.dsdm_run()
@@ -410,6 +417,8 @@ def label_budget(ctx: _Ctx) -> None:
                     scores = ctx.seg(ctx.name_of(method + "_synthetic", f"n{label}", f"s{s}"), data=view, dsdm=dsdm,
                                      injection="caa", init="dsdm", seed=s, synthetic=synth, synthetic_ratio=ratio)
                     rows.append({**common, "method": method + "_synthetic", **score_row(scores)})
+                if unl and n_eff is not None and f"{method}_pseudo" in wanted:
+                    rows.append({**common, **_pseudo_pairs(ctx, method, view, dsdm, label, s, len(chosen))})
     summary = _finish(ctx, rows, ["method", "labelled"])
     gains = paired_gain(rows, "method", "plain_unet", within=("labelled",))
     write_rows(ctx.out / "paired.csv", gains)
@@ -424,6 +433,26 @@ def label_budget(ctx: _Ctx) -> None:
                     f"{r['dataset_dice_wins']} seeds), per-image {r['mean_dice_gain_mean']} ({r['mean_dice_wins']})")
     line_plot(summary, "labelled", "mean_dice", ctx.out / "label_budget.png", "Label budget: test Dice vs N",
               xlabel=f"labelled training {unit}s N", group="method")
+
+
+def _pseudo_pairs(ctx: _Ctx, method: str, view: Path, dsdm: Path, label: str, seed: int,
+                  n_labelled: int) -> dict[str, Any]:
+    """``<method>_pseudo`` of a label budget: ``<method>`` (trained first if it was not asked for)
+    predicts the masks of ``budget_synthetic_ratio`` x ``n_labelled`` unannotated training patches,
+    the DSDM renders each from its mask with its own patch as reference, and a CAA segmenter trains
+    on the annotated patches plus those pairs."""
+    name = ctx.name_of(method, f"n{label}", f"s{seed}")
+    ctx.seg(name, data=view, dsdm=dsdm, injection="caa", init="dsdm", seed=seed)  # the labeller (shared)
+    ratio = ctx.cfg.budget_synthetic_ratio
+    need = max(1, round(ratio * n_labelled))
+    tag = f"n{label}_s{seed}_{ctx.cfg.label_unit}_r{ratio:g}"
+    layouts = pseudo_layouts(ctx.run(name).resolve(), view, ctx.assets / f"pseudo_{tag}", need, seed)
+    synth = ensure_samples(dsdm, layouts, ctx.assets / f"synth_pseudo_{tag}{ctx.sampler_tag()}", ctx.preset,
+                           ctx.cfg.sample_steps, split="train", seed=seed, log=ctx.log,
+                           sampler=ctx.cfg.sample_sampler)
+    scores = ctx.seg(ctx.name_of(method + "_pseudo", f"n{label}", f"s{seed}"), data=view, dsdm=dsdm,
+                     injection="caa", init="dsdm", seed=seed, synthetic=synth, synthetic_ratio=ratio)
+    return {"method": method + "_pseudo", **score_row(scores)}
 
 
 # --------------------------------------------------------------------------------------------
