@@ -17,7 +17,7 @@ from typing import Any
 
 from ..config import build, load_section
 from ..data.patch_dataset import PatchDataset, read_manifest
-from ..data.prepare import write_manifest
+from ..data.prepare import class_fractions, write_manifest
 
 __all__ = [
     "augmented_masks",
@@ -227,12 +227,9 @@ def pseudo_layouts(seg_run: Path, data: Path, out: Path, count: int, seed: int =
         images = torch.stack([train[i]["image"] for i in part])
         pred = seg.predict(images).argmax(1).to(torch.uint8).numpy()
         for i, m in zip(part, pred):
-            row = dict(train.rows[i])
+            row = train.rows[i]
             write_png_atomic(out / "masks" / f"{row['id']}.png", np.ascontiguousarray(m))
-            for c, name in enumerate(("background", "benign", "malignant")):
-                row[f"frac_{name}"] = f"{float((m == c).mean()):.4f}"
-            row["labelled"] = "1"
-            rows.append(row)
+            rows.append({**row, **class_fractions(m), "labelled": "1"})
     write_manifest(out, rows, None, tuple(rows[0].keys()))
     meta = json.loads((data / "dataset.json").read_text())
     meta["pseudo_layouts"] = {"segmenter": str(Path(seg_run).resolve()), "checkpoint": str(seg.checkpoint),

@@ -399,10 +399,12 @@ def label_budget(ctx: _Ctx) -> None:
                 else:
                     dsdm = ctx.dsdm_variant(f"dsdm_n{label}_s{s}_{'unl' if unl else 'lab'}", view, encoder, s,
                                             use_unlabelled=unl)
-                if method in wanted or n_eff is None:
+                pseudo = unl and n_eff is not None and f"{method}_pseudo" in wanted  # needs it as labeller
+                if method in wanted or n_eff is None or pseudo:
                     scores = ctx.seg(ctx.name_of(method, f"n{label}", f"s{s}"), data=view, dsdm=dsdm,
                                      injection="caa", init="dsdm", seed=s)
-                    rows.append({**common, "method": method, **score_row(scores)})
+                    if method in wanted or n_eff is None:
+                        rows.append({**common, "method": method, **score_row(scores)})
                 if (unl or n_eff is None) and (n_eff is None or f"{method}_synthetic" in wanted):
                     if n_eff is None:
                         synth = ctx.synthetic(ratio)
@@ -417,7 +419,7 @@ def label_budget(ctx: _Ctx) -> None:
                     scores = ctx.seg(ctx.name_of(method + "_synthetic", f"n{label}", f"s{s}"), data=view, dsdm=dsdm,
                                      injection="caa", init="dsdm", seed=s, synthetic=synth, synthetic_ratio=ratio)
                     rows.append({**common, "method": method + "_synthetic", **score_row(scores)})
-                if unl and n_eff is not None and f"{method}_pseudo" in wanted:
+                if pseudo:
                     rows.append({**common, **_pseudo_pairs(ctx, method, view, dsdm, label, s, len(chosen))})
     summary = _finish(ctx, rows, ["method", "labelled"])
     gains = paired_gain(rows, "method", "plain_unet", within=("labelled",))
@@ -437,16 +439,15 @@ def label_budget(ctx: _Ctx) -> None:
 
 def _pseudo_pairs(ctx: _Ctx, method: str, view: Path, dsdm: Path, label: str, seed: int,
                   n_labelled: int) -> dict[str, Any]:
-    """``<method>_pseudo`` of a label budget: ``<method>`` (trained first if it was not asked for)
-    predicts the masks of ``budget_synthetic_ratio`` x ``n_labelled`` unannotated training patches,
-    the DSDM renders each from its mask with its own patch as reference, and a CAA segmenter trains
-    on the annotated patches plus those pairs."""
-    name = ctx.name_of(method, f"n{label}", f"s{seed}")
-    ctx.seg(name, data=view, dsdm=dsdm, injection="caa", init="dsdm", seed=seed)  # the labeller (shared)
+    """``<method>_pseudo`` of a label budget: the (already trained) ``<method>`` run predicts the
+    masks of ``budget_synthetic_ratio`` x ``n_labelled`` unannotated training patches, the DSDM
+    renders each from its mask with its own patch as reference, and a CAA segmenter trains on the
+    annotated patches plus those pairs."""
+    labeller = ctx.run(method, f"n{label}", f"s{seed}").resolve()
     ratio = ctx.cfg.budget_synthetic_ratio
     need = max(1, round(ratio * n_labelled))
     tag = f"n{label}_s{seed}_{ctx.cfg.label_unit}_r{ratio:g}"
-    layouts = pseudo_layouts(ctx.run(name).resolve(), view, ctx.assets / f"pseudo_{tag}", need, seed)
+    layouts = pseudo_layouts(labeller, view, ctx.assets / f"pseudo_{tag}", need, seed)
     synth = ensure_samples(dsdm, layouts, ctx.assets / f"synth_pseudo_{tag}{ctx.sampler_tag()}", ctx.preset,
                            ctx.cfg.sample_steps, split="train", seed=seed, log=ctx.log,
                            sampler=ctx.cfg.sample_sampler)
