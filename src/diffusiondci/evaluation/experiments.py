@@ -399,11 +399,12 @@ def label_budget(ctx: _Ctx) -> None:
                 else:
                     dsdm = ctx.dsdm_variant(f"dsdm_n{label}_s{s}_{'unl' if unl else 'lab'}", view, encoder, s,
                                             use_unlabelled=unl)
+                reported = method in wanted or n_eff is None
                 pseudo = unl and n_eff is not None and f"{method}_pseudo" in wanted  # needs it as labeller
-                if method in wanted or n_eff is None or pseudo:
+                if reported or pseudo:
                     scores = ctx.seg(ctx.name_of(method, f"n{label}", f"s{s}"), data=view, dsdm=dsdm,
                                      injection="caa", init="dsdm", seed=s)
-                    if method in wanted or n_eff is None:
+                    if reported:
                         rows.append({**common, "method": method, **score_row(scores)})
                 if (unl or n_eff is None) and (n_eff is None or f"{method}_synthetic" in wanted):
                     if n_eff is None:
