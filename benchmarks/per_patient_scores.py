@@ -3,16 +3,17 @@
 The experiment reports Dice pooled over the whole test split. When one test patient holds most of
 the test patches (GlaS prepared with a patient split: patient 10 has 276 of 420), the pooled score
 is mostly that patient's, and one draw can be won or lost on it. This script reloads the finished
-segmenter runs of ``experiment label-budget`` for one budget N, predicts the test split again with
+segmenter runs of ``experiment label-budget`` for one budget N (the runs the experiment linked
+under ``runs/``), predicts the test split again with
 each run's own test-time augmentation, and scores every test patient (``group`` of the manifest)
 on its own: Dice per class, and the mean over the classes present in that patient's truth.
 
     python benchmarks/per_patient_scores.py --data DATASET --experiment EXPERIMENT_FOLDER --budget 16
         [--seeds 0,1,2] [--methods dci_with_unlabelled,plain_unet] [--monai] [--out per_patient.json]
 
-``--monai`` retrains the MONAI reference of each draw exactly as the experiment does (its weights
-are not kept; about 3 CPU minutes a draw) and checks that it reproduces the experiment's pooled
-Dice. Prints one table per patient and writes every score as JSON.
+``--monai`` retrains the MONAI reference of each draw with the settings the experiment recorded
+(its weights are not kept; about 3 CPU minutes a draw) and prints its pooled Dice next to the
+experiment's. Prints one table per patient and writes every score as JSON.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusiondci.config import build, load_section
 from diffusiondci.data.patch_dataset import PatchDataset, read_manifest
 from diffusiondci.evaluation.metrics import confusion_matrix, scores_from_confusion
 from diffusiondci.segmentation.run import load_segmenter
 from diffusiondci.segmentation.tta import predict_with_tta
-from diffusiondci.train.seg_config import SegConfig
 
 
 def _predict(fn, images: torch.Tensor, batch: int = 24) -> np.ndarray:
@@ -60,7 +59,6 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default="dci_with_unlabelled,plain_unet")
     ap.add_argument("--monai", action="store_true", help="also retrain and score the MONAI reference")
-    ap.add_argument("--preset", default="tiny")
     ap.add_argument("--out", type=Path, default=Path("bench_output/per_patient.json"))
     args = ap.parse_args()
 
@@ -70,7 +68,7 @@ def main() -> None:
     images = torch.stack([it["image"] for it in items])
     truth = torch.stack([it["mask"] for it in items]).long().numpy()
     groups = np.array([groups_of[it["id"]] for it in items])
-    runs = sorted((args.experiment / "assets" / "seg_runs").iterdir())
+    runs = args.experiment / "runs"  # the experiment's links to the runs it used
     fractions = {}
     for g in sorted(set(groups.tolist())):
         pixels = truth[groups == g]
@@ -78,32 +76,37 @@ def main() -> None:
     results: dict = {"fractions": fractions}
     for seed in [int(s) for s in args.seeds.split(",")]:
         for method in args.methods.split(","):
-            found = [p for p in runs if p.name.startswith(f"{method}_n{args.budget}_s{seed}_")]
-            if not found:
+            run = runs / f"{method}_n{args.budget}_s{seed}"
+            if not (run / "test_metrics.json").is_file():
                 print(f"no finished run of {method} at N = {args.budget}, seed {seed}: skipped")
                 continue
-            seg = load_segmenter(found[0], device="cpu")
+            seg = load_segmenter(run, device="cpu")
             results[f"{method} s{seed}"] = patient_scores(_predict(seg.predict, images), truth, groups)
         if args.monai:
             from diffusiondci.train.monai_reference import train_reference
 
-            tta = build(SegConfig, load_section(args.preset, "seg")).tta
-            steps = int(load_section(args.preset, "experiment")["monai_steps"])
-            record, _, net = train_reference(args.experiment / "views" / f"n{args.budget}_s{seed}", None, seed,
-                                             steps=steps, tta=tta, preset=args.preset)
+            done = runs / f"monai_unet_n{args.budget}_s{seed}" / "scores.json"
+            if not done.is_file():
+                print(f"no finished MONAI reference at N = {args.budget}, seed {seed}: skipped")
+                continue
+            kept = json.loads(done.read_text())
+            st = kept["settings"]
+            _, _, net = train_reference(Path(st["data"]), None, int(st["seed"]), steps=int(st["steps"]),
+                                        tta=st["tta"], preset=st["preset"])
             net.eval()
-            scores = patient_scores(_predict(lambda b: predict_with_tta(net, b, tta), images), truth, groups)
-            scores["experiment_pooled"] = record.get("tta", record).get("dataset_dice")
+            scores = patient_scores(_predict(lambda b: predict_with_tta(net, b, st["tta"]), images), truth, groups)
+            scores["experiment_pooled"] = kept["record"].get("tta", kept["record"])["dataset_dice"]
             results[f"monai_unet s{seed}"] = scores
 
-    for g, fractions in results["fractions"].items():
-        print(f"patient {g} ({int((groups == g).sum())} patches; background / benign / malignant pixels {fractions})")
+    for g, share in fractions.items():
+        print(f"patient {g} ({int((groups == g).sum())} patches; background / benign / malignant pixels {share})")
         for name, sc in results.items():
             if name != "fractions" and g in sc and sc[g]["dice_present"] is not None:
                 print(f"  {name:<32} Dice over present classes {sc[g]['dice_present']:.3f}")
     for name, sc in results.items():
         if name != "fractions":
-            print(f"pooled over the test split: {name:<32} {sc['all']:.3f}")
+            kept = f" (the experiment's: {sc['experiment_pooled']:.3f})" if "experiment_pooled" in sc else ""
+            print(f"pooled over the test split: {name:<32} {sc['all']:.3f}{kept}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out}")
