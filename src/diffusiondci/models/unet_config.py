@@ -169,8 +169,8 @@ def tiny_narrow_config(**overrides: Any) -> UNetConfig:
     """:func:`tiny_config` with its two finer levels half as wide: widths (16, 32, 64), GroupNorm of 8
     groups, 16 channels per attention head; about 1.6 M parameters, half of them in MCAA's token
     projection. About 1.5x the training throughput of ``tiny`` and, on GlaS validation masks, samples
-    segmented as well; but a segmenter initialised from it (same widths) validates lower, so it is
-    not the default."""
+    segmented as well; but a segmenter initialised from it (same widths) validates lower (GlaS: with
+    all labels and at 16 annotated slides, three runs; docs/user-guide.md), so it is not the default."""
     return tiny_config(**{"channels": (16, 32, 64), "norm_num_groups": 8, "num_head_channels": 16, **overrides})
 
 
