@@ -1,7 +1,7 @@
 """DSDM training-step speed of a preset's SM+RI network on one device, by precision, memory layout and
 attention path (issue 14, item 5: the user guide's GPU table).
 
-    python benchmarks/gpu_bench.py [--preset paper] [--batch 10] [--steps 20] [--out gpu_bench.json]
+    python benchmarks/gpu_bench.py [--preset paper] [--batch N] [--steps 20] [--out gpu_bench.json]
 
 Each row times full optimizer steps of the DSDM loss (L_simple with min-SNR weights + lambda L_vlb,
 mask one-hot, reference embedding, Adam, gradient clipping) on random data: ``fp32``; ``fp32 + TF32``
@@ -11,9 +11,9 @@ PyTorch's ``scaled_dot_product_attention``, whose flash kernel the other rows ma
 ``--compile`` ``bf16 + torch.compile``. Rows are interleaved round by round so that a busy machine slows all of
 them alike; the best round counts. Prints a table (steps/s, images/s, peak GPU memory) and writes JSON.
 
-It imports only the network, the schedule and the loss (PyTorch, MONAI, einops), so on a machine
-with PyTorch but without this package installed it runs from a checkout with ``PYTHONPATH=src``
-(carry a MONAI wheel if that machine has none):
+It imports only the network, the schedule, the loss and the preset reader (PyTorch, MONAI, einops,
+PyYAML), so on a machine with PyTorch but without this package installed it runs from a checkout
+with ``PYTHONPATH=src`` (carry a MONAI wheel if that machine has none):
 
     PYTHONPATH=src python3 benchmarks/gpu_bench.py --out $OUT/gpu_bench.json
 
@@ -32,16 +32,19 @@ from pathlib import Path
 
 import torch
 
+from diffusiondci.config import load_section
 from diffusiondci.device import native_bf16, resolve_device
 from diffusiondci.diffusion.losses import hybrid_loss, min_snr_weights
 from diffusiondci.diffusion.schedule import DiffusionSchedule
 from diffusiondci.models.conditions import mask_one_hot
 from diffusiondci.models.unet import UNET_PRESETS, DSDMUNet
 
-#: The preset's network and patch size (``dsdm.unet`` and ``prepare.patch_size`` of its YAML).
-PRESETS = {"paper": ("paper", 256), "tiny": ("tiny", 64)}
 ROWS = ("fp32", "fp32 + TF32", "fp32 + channels_last", "fp32, no SDPA", "bf16", "bf16 + channels_last", "bf16, no SDPA",
         "bf16 + torch.compile")
+
+
+def _set_tf32(row: str) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = "TF32" in row
 
 
 def _sync(device: torch.device) -> None:
@@ -51,9 +54,11 @@ def _sync(device: torch.device) -> None:
 
 def make_step(row: str, preset: str, batch: int, device: torch.device) -> tuple[Callable[[], float], int]:
     """(one optimizer step returning its loss, parameter count) for a table row."""
-    unet, size = PRESETS[preset]
+    dsdm, size = load_section(preset, "dsdm"), load_section(preset, "prepare")["patch_size"]
     torch.manual_seed(0)
-    model = DSDMUNet(UNET_PRESETS[unet](use_flash_attention="no SDPA" not in row)).to(device)
+    net_cfg = UNET_PRESETS[dsdm["unet"]](**{**(dsdm.get("unet_overrides") or {}), "image_size": size,
+                                           "use_flash_attention": "no SDPA" not in row})
+    model = DSDMUNet(net_cfg).to(device)
     schedule = DiffusionSchedule(1000, "cosine")
     x0 = torch.randn(batch, 3, size, size, device=device)
     mask = mask_one_hot(torch.randint(0, 3, (batch, size, size), device=device), 3)
@@ -93,7 +98,7 @@ def run_table(preset: str, batch: int, steps: int, rounds: int, device: torch.de
     table: dict[str, dict] = {}
     steps_fns = {}
     for row in rows:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = "TF32" in row
+        _set_tf32(row)
         try:
             fn, n_params = make_step(row, preset, batch, device)
             start = time.perf_counter()
@@ -108,7 +113,7 @@ def run_table(preset: str, batch: int, steps: int, rounds: int, device: torch.de
             torch.cuda.empty_cache()
     for _ in range(rounds):
         for row, fn in steps_fns.items():
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = "TF32" in row
+            _set_tf32(row)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _sync(device)
@@ -131,8 +136,8 @@ def run_table(preset: str, batch: int, steps: int, rounds: int, device: torch.de
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="paper")
-    parser.add_argument("--batch", type=int, default=10, help="images per step (paper: 10)")
+    parser.add_argument("--preset", default="paper", help="tiny | paper | a YAML file: its dsdm network and patch size")
+    parser.add_argument("--batch", type=int, default=None, help="images per step (default: the preset's dsdm batch_size)")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the GPU if there is one)")
@@ -140,6 +145,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_output/gpu_bench.json"))
     args = parser.parse_args()
     device = resolve_device(args.device)
+    if args.batch is None:
+        args.batch = int(load_section(args.preset, "dsdm")["batch_size"])
     info = {"preset": args.preset, "batch": args.batch, "device": str(device), "torch": torch.__version__,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "native_bf16": native_bf16(device), "steps_per_round": args.steps, "rounds": args.rounds}
